@@ -1,0 +1,815 @@
+/*-------------------------------------------------------------------------
+ *
+ * client.c
+ *		  The etcd client: HTTP/JSON requests to etcd's gateway through
+ *		  libcurl's multi interface, waited on with PostgreSQL latches.
+ *
+ * Every wait goes through etcd_multi_wait(), which sleeps on the process
+ * latch and on curl's sockets at once.  Backends call CHECK_FOR_INTERRUPTS()
+ * after each wake, so cancel, statement_timeout and lock_timeout are
+ * reported by PostgreSQL itself, at once.
+ *
+ * IDENTIFICATION
+ *		  client.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <curl/curl.h>
+
+#include "common/base64.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "etcd_lock.h"
+
+/* Sockets one multi handle may watch; curl uses one or two per transfer. */
+#define ETCD_MAX_SOCKETS	256
+
+/* A response larger than this is refused: etcd's own limit is ~1.5 MB. */
+#define ETCD_MAX_BODY		(4 * 1024 * 1024)
+
+struct EtcdMulti
+{
+	CURLM	   *multi;
+	int			nsocks;
+	curl_socket_t socks[ETCD_MAX_SOCKETS];
+	int			what[ETCD_MAX_SOCKETS];
+};
+
+/*
+ * Curl handles and response buffers live for the whole process, so they are
+ * malloc'd: no memory context may reset them under curl's feet.
+ */
+struct EtcdTransfer
+{
+	CURL	   *easy;
+	struct curl_slist *headers;
+	char	   *buf;
+	size_t		len;
+	size_t		cap;
+	size_t		consumed;		/* watch streams: bytes already parsed */
+	bool		too_big;
+	bool		active;			/* added to a multi handle */
+	bool		done;
+	CURLcode	code;
+	char		errbuf[CURL_ERROR_SIZE];
+};
+
+/* This backend's client: one multi handle, a unary and a watch transfer. */
+static EtcdMulti *backend_multi = NULL;
+static EtcdTransfer *unary = NULL;
+static EtcdTransfer *watch = NULL;
+
+/* Parsed etcd_lock.endpoints, and the member that answered last. */
+static char **endpoints = NULL;
+static int	nendpoints = 0;
+static bool endpoints_stale = true;
+static int	preferred_endpoint = 0;
+
+static bool curl_ready = false;
+
+static void
+curl_init_once(void)
+{
+	if (curl_ready)
+		return;
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("could not initialize libcurl")));
+	curl_ready = true;
+}
+
+/*
+ * Called from the GUC assign hook: reparse lazily, since assign hooks must
+ * not fail.
+ */
+void
+etcd_endpoints_changed(void)
+{
+	endpoints_stale = true;
+}
+
+static void
+parse_endpoints(void)
+{
+	MemoryContext old;
+	char	   *copy;
+	char	   *tok;
+	char	   *save;
+	int			i;
+
+	if (!endpoints_stale)
+		return;
+
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	if (endpoints)
+	{
+		for (i = 0; i < nendpoints; i++)
+			pfree(endpoints[i]);
+		pfree(endpoints);
+	}
+	endpoints = palloc0(sizeof(char *) * (strlen(etcd_lock_endpoints) / 2 + 2));
+	nendpoints = 0;
+	copy = pstrdup(etcd_lock_endpoints);
+	for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save))
+	{
+		size_t		len = strlen(tok);
+
+		/* paths are appended as "/v3/...", so drop a trailing slash */
+		while (len > 0 && tok[len - 1] == '/')
+			tok[--len] = '\0';
+		if (len > 0)
+			endpoints[nendpoints++] = pstrdup(tok);
+	}
+	pfree(copy);
+	MemoryContextSwitchTo(old);
+
+	if (preferred_endpoint >= nendpoints)
+		preferred_endpoint = 0;
+	endpoints_stale = false;
+}
+
+int
+etcd_endpoint_count(void)
+{
+	parse_endpoints();
+	if (nendpoints == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("etcd_lock.endpoints lists no endpoint")));
+	return nendpoints;
+}
+
+const char *
+etcd_endpoint(int i)
+{
+	return endpoints[i % etcd_endpoint_count()];
+}
+
+/* ----------------------------------------------------------------
+ * The multi driver
+ * ----------------------------------------------------------------
+ */
+
+static int
+multi_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+	EtcdMulti  *m = (EtcdMulti *) userp;
+	int			i;
+
+	for (i = 0; i < m->nsocks; i++)
+		if (m->socks[i] == s)
+			break;
+
+	if (what == CURL_POLL_REMOVE)
+	{
+		if (i < m->nsocks)
+		{
+			m->nsocks--;
+			m->socks[i] = m->socks[m->nsocks];
+			m->what[i] = m->what[m->nsocks];
+		}
+		return 0;
+	}
+	if (i == m->nsocks)
+	{
+		if (m->nsocks >= ETCD_MAX_SOCKETS)
+			return -1;			/* curl fails the transfer; never reached */
+		m->socks[m->nsocks++] = s;
+	}
+	m->what[i] = what;
+	return 0;
+}
+
+EtcdMulti *
+etcd_multi_create(void)
+{
+	EtcdMulti  *m;
+
+	curl_init_once();
+	m = calloc(1, sizeof(EtcdMulti));
+	if (m == NULL || (m->multi = curl_multi_init()) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, multi_socket_cb);
+	curl_multi_setopt(m->multi, CURLMOPT_SOCKETDATA, m);
+	return m;
+}
+
+static size_t
+transfer_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	EtcdTransfer *t = (EtcdTransfer *) userdata;
+	size_t		n = size * nmemb;
+
+	/* never ereport here: report through the return value instead */
+	if (t->len - t->consumed + n > ETCD_MAX_BODY)
+	{
+		t->too_big = true;
+		return 0;
+	}
+	if (t->len + n + 1 > t->cap)
+	{
+		size_t		newcap = Max(t->cap * 2, t->len + n + 1);
+		char	   *nb = realloc(t->buf, newcap);
+
+		if (nb == NULL)
+			return 0;
+		t->buf = nb;
+		t->cap = newcap;
+	}
+	memcpy(t->buf + t->len, ptr, n);
+	t->len += n;
+	t->buf[t->len] = '\0';
+	return n;
+}
+
+EtcdTransfer *
+etcd_transfer_create(void)
+{
+	EtcdTransfer *t;
+	CURL	   *e;
+
+	curl_init_once();
+	t = calloc(1, sizeof(EtcdTransfer));
+	if (t == NULL || (t->easy = e = curl_easy_init()) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+
+	t->headers = curl_slist_append(NULL, "Content-Type: application/json");
+	/* no "Expect: 100-continue" round trip for larger bodies */
+	t->headers = curl_slist_append(t->headers, "Expect:");
+
+	curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, transfer_write_cb);
+	curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
+	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
+	curl_easy_setopt(e, CURLOPT_HTTPHEADER, t->headers);
+	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+	curl_easy_setopt(e, CURLOPT_POST, 1L);
+	return t;
+}
+
+void
+etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
+					const char *body, long timeout_ms)
+{
+	CURLMcode	rc;
+
+	if (t->active)
+		etcd_transfer_stop(m, t);
+
+	t->len = 0;
+	t->consumed = 0;
+	t->too_big = false;
+	t->done = false;
+	t->code = CURLE_OK;
+	t->errbuf[0] = '\0';
+
+	curl_easy_setopt(t->easy, CURLOPT_URL, url);
+	curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
+	curl_easy_setopt(t->easy, CURLOPT_COPYPOSTFIELDS, body);
+	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) etcd_lock_request_timeout);
+
+	rc = curl_multi_add_handle(m->multi, t->easy);
+	if (rc != CURLM_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("could not start an etcd request"),
+				 errdetail_internal("%s", curl_multi_strerror(rc))));
+	t->active = true;
+}
+
+void
+etcd_transfer_stop(EtcdMulti *m, EtcdTransfer *t)
+{
+	if (!t->active)
+		return;
+	/* a finished transfer leaves its connection in the multi's pool */
+	curl_multi_remove_handle(m->multi, t->easy);
+	t->active = false;
+}
+
+bool
+etcd_transfer_done(EtcdTransfer *t)
+{
+	return t->done;
+}
+
+/*
+ * Wait until curl has work to do, the latch is set, or max_wait_ms passes
+ * (-1: no limit of our own), then let curl run.  Returns true if the latch
+ * was set.  The caller decides whether to CHECK_FOR_INTERRUPTS().
+ */
+bool
+etcd_multi_wait(EtcdMulti *m, long max_wait_ms)
+{
+	WaitEvent	events[ETCD_MAX_SOCKETS + 2];
+	long		timeout = -1;
+	int			nevents = 0;
+	int			running;
+	bool		latch_set = false;
+	CURLMsg    *msg;
+	int			left;
+	int			i;
+
+	curl_multi_timeout(m->multi, &timeout);
+	if (max_wait_ms >= 0 && (timeout < 0 || timeout > max_wait_ms))
+		timeout = max_wait_ms;
+
+	if (timeout != 0)
+	{
+		WaitEventSet *set = CreateWaitEventSet(CurrentMemoryContext, m->nsocks + 2);
+
+		PG_TRY();
+		{
+			AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+			AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+			for (i = 0; i < m->nsocks; i++)
+			{
+				uint32		ev = 0;
+
+				if (m->what[i] & CURL_POLL_IN)
+					ev |= WL_SOCKET_READABLE;
+				if (m->what[i] & CURL_POLL_OUT)
+					ev |= WL_SOCKET_WRITEABLE;
+				if (ev)
+					AddWaitEventToSet(set, ev, m->socks[i], NULL, NULL);
+			}
+			nevents = WaitEventSetWait(set, timeout, events, lengthof(events),
+									   PG_WAIT_EXTENSION);
+		}
+		PG_FINALLY();
+		{
+			/* PostgreSQL 15 does not track wait event sets in resource owners */
+			FreeWaitEventSet(set);
+		}
+		PG_END_TRY();
+	}
+
+	for (i = 0; i < nevents; i++)
+	{
+		if (events[i].events & WL_POSTMASTER_DEATH)
+		{
+			if (!proc_exit_inprogress)
+				proc_exit(1);
+		}
+		else if (events[i].events & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			latch_set = true;
+		}
+		else
+		{
+			int			flags = 0;
+
+			if (events[i].events & WL_SOCKET_READABLE)
+				flags |= CURL_CSELECT_IN;
+			if (events[i].events & WL_SOCKET_WRITEABLE)
+				flags |= CURL_CSELECT_OUT;
+			curl_multi_socket_action(m->multi, events[i].fd, flags, &running);
+		}
+	}
+	/* also covers curl's timers: connect and transfer timeouts, retries */
+	curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+
+	while ((msg = curl_multi_info_read(m->multi, &left)) != NULL)
+	{
+		EtcdTransfer *t;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
+		t->done = true;
+		t->code = msg->data.result;
+	}
+	return latch_set;
+}
+
+/* ----------------------------------------------------------------
+ * Results
+ * ----------------------------------------------------------------
+ */
+
+static char *
+json_message(cJSON *obj)
+{
+	cJSON	   *msg;
+
+	msg = cJSON_GetObjectItemCaseSensitive(obj, "message");
+	if (!cJSON_IsString(msg))
+		msg = cJSON_GetObjectItemCaseSensitive(obj, "error");
+	if (cJSON_IsString(msg))
+		return pstrdup(msg->valuestring);
+	return pstrdup("etcd gave no error message");
+}
+
+/* Fill *res from a finished transfer whose body is body[0..len). */
+static bool
+parse_result(EtcdTransfer *t, const char *body, size_t len, EtcdResult *res)
+{
+	cJSON	   *err;
+
+	res->json = cJSON_ParseWithLength(body, len);
+	if (res->json == NULL || !cJSON_IsObject(res->json))
+	{
+		res->kind = ETCD_RES_PROTOCOL;
+		res->error = psprintf("HTTP status %ld with a body that is not a JSON object",
+							  res->http_status);
+		res->json = NULL;
+		return false;
+	}
+	if (res->http_status != 200)
+	{
+		res->kind = ETCD_RES_ERROR;
+		res->error = json_message(res->json);
+		res->grpc_code = (int) etcd_json_int64(res->json, "code");
+		return false;
+	}
+	/* streamed calls report errors inside a 200 body */
+	err = cJSON_GetObjectItemCaseSensitive(res->json, "error");
+	if (cJSON_IsObject(err))
+	{
+		res->kind = ETCD_RES_ERROR;
+		res->error = json_message(err);
+		res->grpc_code = (int) etcd_json_int64(err, "grpc_code");
+		res->http_status = etcd_json_int64(err, "http_code");
+		return false;
+	}
+	res->kind = ETCD_RES_OK;
+	return true;
+}
+
+bool
+etcd_transfer_result(EtcdTransfer *t, EtcdResult *res)
+{
+	memset(res, 0, sizeof(EtcdResult));
+	if (t->code != CURLE_OK)
+	{
+		res->kind = t->too_big ? ETCD_RES_PROTOCOL : ETCD_RES_TRANSPORT;
+		if (t->too_big)
+			res->error = psprintf("response larger than %d bytes", ETCD_MAX_BODY);
+		else
+			res->error = pstrdup(t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->code));
+		return false;
+	}
+	curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &res->http_status);
+	return parse_result(t, t->buf ? t->buf : "", t->len, res);
+}
+
+/* ----------------------------------------------------------------
+ * Backend requests
+ * ----------------------------------------------------------------
+ */
+
+void
+etcd_client_init(void)
+{
+	if (backend_multi != NULL)
+		return;
+	backend_multi = etcd_multi_create();
+	unary = etcd_transfer_create();
+	watch = etcd_transfer_create();
+}
+
+/* Run the unary transfer to its end, waking for interrupts. */
+static void
+run_unary(void)
+{
+	PG_TRY();
+	{
+		while (!unary->done)
+		{
+			etcd_multi_wait(backend_multi, -1);
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+	PG_FINALLY();
+	{
+		etcd_transfer_stop(backend_multi, unary);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * Send one request, failing over to the next endpoint when one gives no
+ * answer (or a 5xx one).  Interrupts are processed while waiting unless the
+ * caller holds them off.  Returns false and fills res->error on failure.
+ */
+bool
+etcd_request(const char *path, cJSON *req, EtcdResult *res)
+{
+	char	   *body = cJSON_PrintUnformatted(req);
+	int			n;
+	int			i;
+
+	etcd_client_init();
+	n = etcd_endpoint_count();
+	for (i = 0; i < n; i++)
+	{
+		int			idx = (preferred_endpoint + i) % n;
+		char	   *url = psprintf("%s%s", endpoints[idx], path);
+
+		etcd_transfer_start(backend_multi, unary, url, body,
+							etcd_lock_request_timeout);
+		etcd_stat_add(requests, 1);
+		run_unary();
+		pfree(url);
+
+		if (etcd_transfer_result(unary, res))
+		{
+			res->endpoint = endpoints[idx];
+			preferred_endpoint = idx;
+			pfree(body);
+			return true;
+		}
+		res->endpoint = endpoints[idx];
+		etcd_stat_add(failures, 1);
+
+		/* an answer from etcd itself would be the same from any member */
+		if (res->kind == ETCD_RES_ERROR && res->http_status < 500)
+			break;
+	}
+	pfree(body);
+	return false;
+}
+
+static int
+grpc_sqlstate(EtcdResult *res)
+{
+	switch (res->grpc_code)
+	{
+		case 3:					/* InvalidArgument */
+		case 11:				/* OutOfRange */
+			return ERRCODE_INVALID_PARAMETER_VALUE;
+		case 5:					/* NotFound */
+			return ERRCODE_UNDEFINED_OBJECT;
+		case 7:					/* PermissionDenied */
+			return ERRCODE_INSUFFICIENT_PRIVILEGE;
+		case 8:					/* ResourceExhausted */
+			return ERRCODE_INSUFFICIENT_RESOURCES;
+		case 9:					/* FailedPrecondition */
+			return ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
+		case 16:				/* Unauthenticated */
+			return ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+		case 4:					/* DeadlineExceeded */
+		case 14:				/* Unavailable */
+			return ERRCODE_CONNECTION_FAILURE;
+	}
+	if (res->http_status >= 500)
+		return ERRCODE_CONNECTION_FAILURE;
+	return ERRCODE_SYSTEM_ERROR;
+}
+
+/* Report a failed request at elevel, etcd's own text in DETAIL. */
+void
+etcd_report(int elevel, const char *path, EtcdResult *res)
+{
+	const char *ep = res->endpoint ? res->endpoint : "(none)";
+
+	switch (res->kind)
+	{
+		case ETCD_RES_TRANSPORT:
+			if (nendpoints > 1)
+				ereport(elevel,
+						(errcode(ERRCODE_CONNECTION_FAILURE),
+						 errmsg("could not reach any of the %d etcd endpoints", nendpoints),
+						 errdetail_internal("Last error, from %s: %s", ep, res->error),
+						 errcontext("etcd request %s", path)));
+			else
+				ereport(elevel,
+						(errcode(ERRCODE_CONNECTION_FAILURE),
+						 errmsg("could not reach etcd at %s", ep),
+						 errdetail_internal("%s", res->error),
+						 errcontext("etcd request %s", path)));
+			break;
+		case ETCD_RES_PROTOCOL:
+			ereport(elevel,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("invalid response from etcd at %s", ep),
+					 errdetail_internal("%s", res->error),
+					 errcontext("etcd request %s", path)));
+			break;
+		default:
+			ereport(elevel,
+					(errcode(grpc_sqlstate(res)),
+					 errmsg("etcd at %s rejected the request", ep),
+					 errdetail_internal("%s", res->error),
+					 errcontext("etcd request %s", path)));
+			break;
+	}
+}
+
+/* etcd_request() that raises an ERROR on failure and returns the body. */
+cJSON *
+etcd_call(const char *path, cJSON *req)
+{
+	EtcdResult	res;
+
+	if (!etcd_request(path, req, &res))
+		etcd_report(ERROR, path, &res);
+	return res.json;
+}
+
+/* ----------------------------------------------------------------
+ * Watch: one stream at a time, for the key a waiter queues behind
+ * ----------------------------------------------------------------
+ */
+
+bool
+etcd_watch_start(const char *key, int64 start_revision)
+{
+	cJSON	   *req = cJSON_CreateObject();
+	cJSON	   *create = cJSON_AddObjectToObject(req, "create_request");
+	cJSON	   *filters = cJSON_AddArrayToObject(create, "filters");
+	char	   *body;
+	char	   *url;
+
+	etcd_client_init();
+	etcd_json_add_key(create, "key", key);
+	etcd_json_add_int64(create, "start_revision", start_revision);
+	/* only deletions can let us in */
+	cJSON_AddItemToArray(filters, cJSON_CreateString("NOPUT"));
+	body = cJSON_PrintUnformatted(req);
+	url = psprintf("%s/v3/watch", etcd_endpoint(preferred_endpoint));
+
+	/* no total timeout: the stream lasts as long as the wait */
+	etcd_transfer_start(backend_multi, watch, url, body, 0L);
+	etcd_stat_add(requests, 1);
+	pfree(url);
+	pfree(body);
+	return true;
+}
+
+void
+etcd_watch_stop(void)
+{
+	if (backend_multi)
+		etcd_transfer_stop(backend_multi, watch);
+}
+
+/* Look at the complete lines buffered so far. */
+static int
+watch_scan(void)
+{
+	while (watch->consumed < watch->len)
+	{
+		char	   *start = watch->buf + watch->consumed;
+		char	   *nl = memchr(start, '\n', watch->len - watch->consumed);
+		cJSON	   *msg;
+		cJSON	   *result;
+		cJSON	   *ev;
+
+		if (nl == NULL)
+			break;
+		watch->consumed = (nl - watch->buf) + 1;
+		msg = cJSON_ParseWithLength(start, nl - start);
+		if (msg == NULL)
+			return ETCD_WATCH_ENDED;
+		result = cJSON_GetObjectItemCaseSensitive(msg, "result");
+		if (result == NULL)
+			return ETCD_WATCH_ENDED;	/* an in-body error */
+		/* a canceled watch (compaction) stays open: treat as the end */
+		if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "canceled")))
+			return ETCD_WATCH_ENDED;
+		cJSON_ArrayForEach(ev, cJSON_GetObjectItemCaseSensitive(result, "events"))
+		{
+			cJSON	   *type = cJSON_GetObjectItemCaseSensitive(ev, "type");
+
+			/* PUT is the zero value and is left out of the JSON */
+			if (cJSON_IsString(type) && strcmp(type->valuestring, "DELETE") == 0)
+				return ETCD_WATCH_DELETED;
+		}
+	}
+	if (watch->consumed == watch->len)
+		watch->consumed = watch->len = 0;
+	return 0;
+}
+
+/*
+ * Wait for the watched key's deletion, the end of the stream, a latch
+ * wakeup, or the deadline (0: none).  Interrupts raise an ERROR; the caller
+ * stops the watch in its error path.
+ */
+int
+etcd_watch_wait(TimestampTz deadline)
+{
+	for (;;)
+	{
+		int			r = watch_scan();
+		long		wait_ms = -1;
+
+		if (r != 0)
+			return r;
+		if (watch->done)
+		{
+			if (watch->code != CURLE_OK)
+				etcd_stat_add(failures, 1);
+			return ETCD_WATCH_ENDED;
+		}
+		if (deadline != 0)
+		{
+			wait_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+			if (wait_ms <= 0)
+				return ETCD_WATCH_TIMEOUT;
+		}
+		if (etcd_multi_wait(backend_multi, wait_ms))
+		{
+			CHECK_FOR_INTERRUPTS();
+			return ETCD_WATCH_WAKEUP;
+		}
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+/* ----------------------------------------------------------------
+ * JSON and base64
+ * ----------------------------------------------------------------
+ */
+
+char *
+etcd_b64(const char *data, int len)
+{
+	int			enclen = pg_b64_enc_len(len);
+	char	   *out = palloc(enclen + 1);
+	int			n = pg_b64_encode(data, len, out, enclen);
+
+	if (n < 0)
+		elog(ERROR, "could not encode %d bytes as base64", len);
+	out[n] = '\0';
+	return out;
+}
+
+char *
+etcd_unb64(const char *b64, int *len)
+{
+	int			inlen = strlen(b64);
+	int			declen = pg_b64_dec_len(inlen);
+	char	   *out = palloc(declen + 1);
+	int			n = pg_b64_decode(b64, inlen, out, declen);
+
+	if (n < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("invalid base64 data in etcd's response")));
+	out[n] = '\0';
+	if (len)
+		*len = n;
+	return out;
+}
+
+/* etcd sends int64 as strings and leaves out zero values. */
+int64
+etcd_json_int64(cJSON *obj, const char *field)
+{
+	cJSON	   *item = cJSON_GetObjectItemCaseSensitive(obj, field);
+
+	if (cJSON_IsString(item))
+		return strtoll(item->valuestring, NULL, 10);
+	if (cJSON_IsNumber(item))
+		return (int64) item->valuedouble;
+	return 0;
+}
+
+/* Follow a dotted path of object members; NULL when any step is missing. */
+cJSON *
+etcd_json_get(cJSON *obj, const char *path)
+{
+	char	   *copy = pstrdup(path);
+	char	   *tok;
+	char	   *save;
+
+	for (tok = strtok_r(copy, ".", &save); tok && obj; tok = strtok_r(NULL, ".", &save))
+		obj = cJSON_GetObjectItemCaseSensitive(obj, tok);
+	pfree(copy);
+	return obj;
+}
+
+/* Never let cJSON print an int64 as a double: etcd rejects that. */
+void
+etcd_json_add_int64(cJSON *obj, const char *field, int64 value)
+{
+	char		buf[32];
+
+	snprintf(buf, sizeof(buf), INT64_FORMAT, value);
+	cJSON_AddStringToObject(obj, field, buf);
+}
+
+void
+etcd_json_add_key(cJSON *obj, const char *field, const char *key)
+{
+	cJSON_AddStringToObject(obj, field, etcd_b64(key, strlen(key)));
+}

@@ -1,0 +1,64 @@
+/* etcd_lock--1.0.sql */
+
+-- complain if script is sourced in psql, rather than via CREATE EXTENSION
+\echo Use "CREATE EXTENSION etcd_lock" to load this file. \quit
+
+-- Session locks.  Not STRICT: a NULL ttl means etcd_lock.default_ttl, and a
+-- NULL key is an error rather than a silent NULL.
+CREATE FUNCTION etcd_lock(key text, ttl integer DEFAULT NULL)
+RETURNS text
+AS 'MODULE_PATHNAME', 'etcd_lock_session'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+CREATE FUNCTION etcd_try_lock(key text, ttl integer DEFAULT NULL,
+                              wait interval DEFAULT '0')
+RETURNS text
+AS 'MODULE_PATHNAME', 'etcd_try_lock_session'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+CREATE FUNCTION etcd_unlock(handle text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'etcd_unlock_session'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+
+CREATE FUNCTION etcd_unlock_all()
+RETURNS integer
+AS 'MODULE_PATHNAME', 'etcd_unlock_all_session'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+-- Observability
+CREATE FUNCTION etcd_lock_stats(
+    OUT requests bigint,
+    OUT keepalives bigint,
+    OUT lease_grants bigint,
+    OUT acquired bigint,
+    OUT released bigint,
+    OUT lost bigint,
+    OUT failures bigint,
+    OUT leases integer,
+    OUT locks integer)
+RETURNS record
+AS 'MODULE_PATHNAME', 'etcd_lock_stats'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+CREATE VIEW etcd_lock_stats AS SELECT * FROM etcd_lock_stats();
+
+CREATE FUNCTION etcd_locks(
+    OUT pid integer,
+    OUT key text,
+    OUT handle text,
+    OUT lease_id bigint,
+    OUT ttl integer,
+    OUT scope text,
+    OUT state text,
+    OUT count integer,
+    OUT fencing_token bigint,
+    OUT acquired_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'etcd_lock_list'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+CREATE VIEW etcd_locks AS SELECT * FROM etcd_locks();
+
+-- Like pg_locks, these views are for everyone to read.
+GRANT SELECT ON etcd_lock_stats, etcd_locks TO PUBLIC;

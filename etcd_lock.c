@@ -1,0 +1,447 @@
+/*-------------------------------------------------------------------------
+ *
+ * etcd_lock.c
+ *		  Distributed locks held in etcd, taken from SQL: the module's
+ *		  settings, its start-up, and its SQL functions.
+ *
+ * IDENTIFICATION
+ *		  etcd_lock.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <limits.h>
+
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/timestamp.h"
+
+#include "etcd_lock.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+/* GUC variables */
+char	   *etcd_lock_endpoints = NULL;
+int			etcd_lock_request_timeout = 2000;
+int			etcd_lock_max_locks = 1024;
+char	   *etcd_lock_prefix = NULL;
+int			etcd_lock_default_ttl = 30;
+
+/* whether we were loaded through shared_preload_libraries */
+bool		etcd_lock_loaded = false;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static void *
+json_alloc(size_t size)
+{
+	return palloc(size);
+}
+
+static void
+json_free(void *ptr)
+{
+	if (ptr)
+		pfree(ptr);
+}
+
+static bool
+check_endpoints(char **newval, void **extra, GucSource source)
+{
+	char	   *copy = pstrdup(*newval);
+	char	   *tok;
+	char	   *save;
+	int			n = 0;
+
+	for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save))
+	{
+		if (strncmp(tok, "http://", 7) != 0 && strncmp(tok, "https://", 8) != 0)
+		{
+			GUC_check_errdetail("Endpoint \"%s\" is not an http:// or https:// URL.", tok);
+			pfree(copy);
+			return false;
+		}
+		n++;
+	}
+	pfree(copy);
+	if (n == 0)
+	{
+		GUC_check_errdetail("At least one endpoint is required.");
+		return false;
+	}
+	return true;
+}
+
+static void
+assign_endpoints(const char *newval, void *extra)
+{
+	etcd_endpoints_changed();
+}
+
+/*
+ * etcd's recipe appends "/" to a lock name, so a prefix ending in "/" keeps
+ * every name inside its own subtree: no name can reach a key outside it.
+ */
+static bool
+check_prefix(char **newval, void **extra, GucSource source)
+{
+	size_t		len = strlen(*newval);
+
+	if (len >= ETCD_LOCK_PREFIX_MAX)
+	{
+		GUC_check_errdetail("The prefix must be shorter than %d bytes.", ETCD_LOCK_PREFIX_MAX);
+		return false;
+	}
+	if (len > 0 && (*newval)[len - 1] != '/')
+	{
+		GUC_check_errdetail("A non-empty prefix must end with \"/\".");
+		return false;
+	}
+	return true;
+}
+
+static void
+etcd_lock_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	etcd_shmem_request();
+}
+
+static void
+etcd_lock_shmem_startup(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	etcd_shmem_startup();
+}
+
+void
+_PG_init(void)
+{
+	cJSON_Hooks hooks = {json_alloc, json_free};
+
+	/* cJSON allocates in the current memory context, so errors leak nothing */
+	cJSON_InitHooks(&hooks);
+
+	DefineCustomStringVariable("etcd_lock.endpoints",
+							   "Comma-separated list of etcd client URLs.",
+							   "When one does not answer, the next one is tried.",
+							   &etcd_lock_endpoints,
+							   "http://127.0.0.1:2379",
+							   PGC_SIGHUP, 0,
+							   check_endpoints, assign_endpoints, NULL);
+
+	DefineCustomIntVariable("etcd_lock.request_timeout",
+							"Time limit for one request to one etcd endpoint.",
+							NULL,
+							&etcd_lock_request_timeout,
+							2000, 10, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("etcd_lock.max_locks",
+							"Maximum number of etcd locks, and of leases, on this server.",
+							NULL,
+							&etcd_lock_max_locks,
+							1024, 16, 1000000,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("etcd_lock.prefix",
+							   "Namespace prepended to every lock name in etcd.",
+							   "Empty, or ending in \"/\". Empty maps names 1:1 onto etcd's.",
+							   &etcd_lock_prefix,
+							   "etcd_lock/",
+							   PGC_SUSET, 0,
+							   check_prefix, NULL, NULL);
+
+	DefineCustomIntVariable("etcd_lock.default_ttl",
+							"Lease TTL of locks taken without a ttl argument.",
+							"etcd keeps a lock this long after this server stops renewing it.",
+							&etcd_lock_default_ttl,
+							30, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("etcd_lock");
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+	etcd_lock_loaded = true;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = etcd_lock_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = etcd_lock_shmem_startup;
+
+	etcd_worker_register();
+}
+
+/* ----------------------------------------------------------------
+ * Argument checks
+ * ----------------------------------------------------------------
+ */
+
+static void
+require_preload(void)
+{
+	if (!etcd_lock_loaded || etcd_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("etcd_lock must be loaded via shared_preload_libraries"),
+				 errhint("Add etcd_lock to shared_preload_libraries in postgresql.conf and restart the server.")));
+}
+
+static char *
+key_arg(FunctionCallInfo fcinfo, int argno)
+{
+	char	   *key;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("etcd lock name must not be null")));
+	key = text_to_cstring(PG_GETARG_TEXT_PP(argno));
+	if (key[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("etcd lock name must not be empty")));
+	if (strlen(key) >= ETCD_LOCK_NAME_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("etcd lock name is too long"),
+				 errdetail("A lock name can have at most %d bytes.", ETCD_LOCK_NAME_MAX - 1)));
+	return key;
+}
+
+static int
+ttl_arg(FunctionCallInfo fcinfo, int argno)
+{
+	int			ttl;
+
+	if (PG_ARGISNULL(argno))
+		return etcd_lock_default_ttl;
+	ttl = PG_GETARG_INT32(argno);
+	if (ttl < 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("etcd lock ttl must be at least 1 second"),
+				 errdetail("The ttl given was %d.", ttl)));
+	return ttl;
+}
+
+/* wait interval in ms; NULL means no wait */
+static long
+wait_arg(FunctionCallInfo fcinfo, int argno)
+{
+	Interval   *iv;
+	int64		ms;
+
+	if (PG_ARGISNULL(argno))
+		return 0;
+	iv = PG_GETARG_INTERVAL_P(argno);
+	ms = iv->time / 1000 +
+		((int64) iv->month * DAYS_PER_MONTH + iv->day) * SECS_PER_DAY * 1000;
+	if (ms < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("etcd lock wait must not be negative")));
+	return (long) Min(ms, (int64) INT_MAX);
+}
+
+/* ----------------------------------------------------------------
+ * Session locks
+ * ----------------------------------------------------------------
+ */
+
+PG_FUNCTION_INFO_V1(etcd_lock_session);
+PG_FUNCTION_INFO_V1(etcd_try_lock_session);
+PG_FUNCTION_INFO_V1(etcd_unlock_session);
+PG_FUNCTION_INFO_V1(etcd_unlock_all_session);
+
+/*
+ * etcd_lock(key text, ttl integer DEFAULT NULL) RETURNS text
+ *
+ * Wait for the lock and return its handle, the etcd key it holds.
+ */
+Datum
+etcd_lock_session(PG_FUNCTION_ARGS)
+{
+	char	   *key;
+	int			ttl;
+
+	require_preload();
+	key = key_arg(fcinfo, 0);
+	ttl = ttl_arg(fcinfo, 1);
+	PG_RETURN_TEXT_P(cstring_to_text(etcd_lock_acquire(key, ttl, false, -1)));
+}
+
+/*
+ * etcd_try_lock(key text, ttl integer DEFAULT NULL, wait interval DEFAULT '0')
+ *		RETURNS text
+ *
+ * The handle, or NULL if the lock is still held elsewhere after wait.
+ */
+Datum
+etcd_try_lock_session(PG_FUNCTION_ARGS)
+{
+	char	   *key;
+	int			ttl;
+	long		wait_ms;
+	char	   *handle;
+
+	require_preload();
+	key = key_arg(fcinfo, 0);
+	ttl = ttl_arg(fcinfo, 1);
+	wait_ms = wait_arg(fcinfo, 2);
+	handle = etcd_lock_acquire(key, ttl, false, wait_ms);
+	if (handle == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(handle));
+}
+
+/*
+ * etcd_unlock(handle text) RETURNS boolean
+ *
+ * Release one hold of a session lock.  Only ever touches a key this session
+ * created: the handle is looked up among this session's locks.
+ */
+Datum
+etcd_unlock_session(PG_FUNCTION_ARGS)
+{
+	require_preload();
+	PG_RETURN_BOOL(etcd_lock_release(text_to_cstring(PG_GETARG_TEXT_PP(0))));
+}
+
+/*
+ * etcd_unlock_all() RETURNS integer
+ *
+ * Release every session lock of this session; return how many.
+ */
+Datum
+etcd_unlock_all_session(PG_FUNCTION_ARGS)
+{
+	require_preload();
+	PG_RETURN_INT32(etcd_lock_release_all());
+}
+
+/* ----------------------------------------------------------------
+ * Views
+ * ----------------------------------------------------------------
+ */
+
+PG_FUNCTION_INFO_V1(etcd_lock_stats);
+PG_FUNCTION_INFO_V1(etcd_lock_list);
+
+/* etcd_lock_stats(): one row of server-wide counters */
+Datum
+etcd_lock_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[9];
+	bool		nulls[9] = {0};
+	EtcdLockStats *st;
+	int			leases = 0;
+	int			locks = 0;
+	int			i;
+
+	require_preload();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	st = &etcd_shared->stats;
+	LWLockAcquire(etcd_shared->lock, LW_SHARED);
+	for (i = 0; i < etcd_lock_max_locks; i++)
+	{
+		if (etcd_shared->leases[i].lease_id > 0)
+			leases++;
+		if (etcd_shared->locks[i].state != ETCD_LOCK_FREE)
+			locks++;
+	}
+	LWLockRelease(etcd_shared->lock);
+
+	values[0] = Int64GetDatum((int64) pg_atomic_read_u64(&st->requests));
+	values[1] = Int64GetDatum((int64) pg_atomic_read_u64(&st->keepalives));
+	values[2] = Int64GetDatum((int64) pg_atomic_read_u64(&st->lease_grants));
+	values[3] = Int64GetDatum((int64) pg_atomic_read_u64(&st->acquired));
+	values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&st->released));
+	values[5] = Int64GetDatum((int64) pg_atomic_read_u64(&st->lost));
+	values[6] = Int64GetDatum((int64) pg_atomic_read_u64(&st->failures));
+	values[7] = Int32GetDatum(leases);
+	values[8] = Int32GetDatum(locks);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* etcd_locks(): every lock held or waited for on this server */
+Datum
+etcd_lock_list(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	EtcdLockSlot *copy;
+	bool	   *lost;
+	int			n = 0;
+	int			i;
+
+	require_preload();
+	InitMaterializedSRF(fcinfo, 0);
+
+	/* copy under the lock, build tuples after releasing it */
+	copy = palloc(sizeof(EtcdLockSlot) * etcd_lock_max_locks);
+	lost = palloc(sizeof(bool) * etcd_lock_max_locks);
+	LWLockAcquire(etcd_shared->lock, LW_SHARED);
+	for (i = 0; i < etcd_lock_max_locks; i++)
+	{
+		EtcdLockSlot *s = &etcd_shared->locks[i];
+		EtcdLeaseSlot *l;
+
+		if (s->state == ETCD_LOCK_FREE)
+			continue;
+		l = &etcd_shared->leases[s->lease_slot];
+		lost[n] = l->lease_id == s->lease_id && l->lost;
+		copy[n++] = *s;
+	}
+	LWLockRelease(etcd_shared->lock);
+
+	for (i = 0; i < n; i++)
+	{
+		EtcdLockSlot *s = &copy[i];
+		Datum		values[10];
+		bool		nulls[10] = {0};
+		const char *state;
+
+		if (lost[i])
+			state = "lost";
+		else if (s->state == ETCD_LOCK_WAITING)
+			state = "waiting";
+		else
+			state = "held";
+
+		values[0] = Int32GetDatum(s->pid);
+		values[1] = CStringGetTextDatum(s->name);
+		values[2] = CStringGetTextDatum(s->handle);
+		values[3] = Int64GetDatum(s->lease_id);
+		values[4] = Int32GetDatum(s->ttl);
+		values[5] = CStringGetTextDatum(s->session_count > 0 || s->xact_count == 0 ?
+										"session" : "transaction");
+		values[6] = CStringGetTextDatum(state);
+		values[7] = Int32GetDatum(s->session_count + s->xact_count);
+		if (s->state == ETCD_LOCK_HELD)
+		{
+			values[8] = Int64GetDatum(s->fencing_token);
+			values[9] = TimestampTzGetDatum(s->acquired_at);
+		}
+		else
+			nulls[8] = nulls[9] = true;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}

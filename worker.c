@@ -1,0 +1,241 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		  The lease worker: keeps alive every lease that backends registered
+ *		  in shared memory, and marks lost the ones etcd no longer has.
+ *
+ * Keepalives run in parallel on one curl multi handle, each bounded by
+ * etcd_lock.request_timeout, so one slow or hanging request never holds up
+ * the others.
+ *
+ * IDENTIFICATION
+ *		  worker.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "etcd_lock.h"
+
+/* keepalives in flight at once; the rest wait for a free place */
+#define MAX_IN_FLIGHT	32
+
+/* The worker's view of one lease slot. */
+typedef struct KeepaliveState
+{
+	int64		lease_id;		/* lease of the request in flight */
+	EtcdTransfer *transfer;		/* created on first use, then reused */
+	bool		in_flight;
+} KeepaliveState;
+
+static KeepaliveState *ka;
+static EtcdMulti *multi;
+static int	preferred = 0;
+static int	in_flight = 0;
+
+void
+etcd_worker_register(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
+	worker.bgw_start_time = BgWorkerStart_PostmasterStart;
+	worker.bgw_restart_time = 1;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "etcd_lock");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "etcd_lock_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "etcd_lock lease worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "etcd_lock lease worker");
+	RegisterBackgroundWorker(&worker);
+}
+
+/* Count the locks riding on a lease, for the "lost" statistic. */
+static int
+locks_on_lease(int64 lease_id)
+{
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < etcd_lock_max_locks; i++)
+		if (etcd_shared->locks[i].state != ETCD_LOCK_FREE &&
+			etcd_shared->locks[i].lease_id == lease_id)
+			n++;
+	return n;
+}
+
+static void
+finish_keepalive(int i)
+{
+	KeepaliveState *k = &ka[i];
+	EtcdLeaseSlot *s = &etcd_shared->leases[i];
+	EtcdResult	res;
+	bool		ok;
+	int64		ttl = 0;
+	int			nlost = 0;
+	Latch	   *owner = NULL;
+	TimestampTz now = GetCurrentTimestamp();
+
+	ok = etcd_transfer_result(k->transfer, &res);
+	etcd_transfer_stop(multi, k->transfer);
+	k->in_flight = false;
+	in_flight--;
+	if (ok)
+		ttl = etcd_json_int64(cJSON_GetObjectItemCaseSensitive(res.json, "result"), "TTL");
+	else
+	{
+		etcd_stat_add(failures, 1);
+		/* the next request goes to the next member */
+		preferred = (preferred + 1) % etcd_endpoint_count();
+		elog(DEBUG1, "etcd_lock: keepalive of lease %llx failed: %s",
+			 (unsigned long long) k->lease_id, res.error);
+	}
+
+	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+	if (s->lease_id == k->lease_id)
+	{
+		if (ok && ttl > 0)
+		{
+			s->last_renewed = now;
+			s->next_keepalive = TimestampTzPlusMilliseconds(now, ttl * 1000 / 3);
+		}
+		else if (ok)
+		{
+			/* a keepalive answered without a TTL: etcd has no such lease */
+			s->lost = true;
+			owner = s->owner_latch;
+			nlost = locks_on_lease(k->lease_id);
+		}
+		else
+		{
+			/* retry soon, well before the lease could expire */
+			s->next_keepalive = TimestampTzPlusMilliseconds(now,
+															Min(1000, Max(100, s->ttl * 1000 / 6)));
+		}
+	}
+	LWLockRelease(etcd_shared->lock);
+
+	if (owner)
+	{
+		etcd_stat_add(lost, nlost);
+		ereport(LOG,
+				(errmsg("etcd_lock: lease %llx is gone from etcd; %d lock(s) on it are lost",
+						(unsigned long long) k->lease_id, nlost)));
+		SetLatch(owner);
+	}
+}
+
+/* Start the keepalives that are due; return ms until the next one is. */
+static long
+start_due_keepalives(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz next = TimestampTzPlusMilliseconds(now, 10000);
+	int			due[MAX_IN_FLIGHT];
+	int64		ids[MAX_IN_FLIGHT];
+	int			ndue = 0;
+	int			i;
+
+	LWLockAcquire(etcd_shared->lock, LW_SHARED);
+	for (i = 0; i < etcd_lock_max_locks; i++)
+	{
+		EtcdLeaseSlot *s = &etcd_shared->leases[i];
+
+		if (s->lease_id <= 0 || s->lost || ka[i].in_flight)
+			continue;
+		if (s->next_keepalive <= now && in_flight + ndue < MAX_IN_FLIGHT)
+		{
+			due[ndue] = i;
+			ids[ndue++] = s->lease_id;
+		}
+		else if (s->next_keepalive < next)
+			next = s->next_keepalive;
+	}
+	LWLockRelease(etcd_shared->lock);
+
+	for (i = 0; i < ndue; i++)
+	{
+		KeepaliveState *k = &ka[due[i]];
+		char		body[64];
+		char	   *url;
+
+		if (k->transfer == NULL)
+			k->transfer = etcd_transfer_create();
+		snprintf(body, sizeof(body), "{\"ID\":\"" INT64_FORMAT "\"}", ids[i]);
+		url = psprintf("%s/v3/lease/keepalive", etcd_endpoint(preferred));
+		etcd_transfer_start(multi, k->transfer, url, body, etcd_lock_request_timeout);
+		k->lease_id = ids[i];
+		k->in_flight = true;
+		in_flight++;
+		etcd_stat_add(requests, 1);
+		etcd_stat_add(keepalives, 1);
+	}
+
+	/* at the cap, look again as soon as a place frees up */
+	if (in_flight >= MAX_IN_FLIGHT)
+		return 10;
+	return Max(0, TimestampDifferenceMilliseconds(now, next));
+}
+
+static void
+worker_exit(int code, Datum arg)
+{
+	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+	etcd_shared->worker_latch = NULL;
+	etcd_shared->worker_pid = 0;
+	LWLockRelease(etcd_shared->lock);
+}
+
+void
+etcd_lock_worker_main(Datum arg)
+{
+	MemoryContext loop_cxt;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	multi = etcd_multi_create();
+	ka = MemoryContextAllocZero(TopMemoryContext,
+								sizeof(KeepaliveState) * etcd_lock_max_locks);
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "etcd_lock worker",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+	etcd_shared->worker_latch = MyLatch;
+	etcd_shared->worker_pid = MyProcPid;
+	LWLockRelease(etcd_shared->lock);
+	before_shmem_exit(worker_exit, (Datum) 0);
+
+	for (;;)
+	{
+		long		wait_ms;
+		int			i;
+
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		for (i = 0; i < etcd_lock_max_locks; i++)
+			if (ka[i].in_flight && etcd_transfer_done(ka[i].transfer))
+				finish_keepalive(i);
+
+		wait_ms = start_due_keepalives();
+		etcd_multi_wait(multi, wait_ms);
+	}
+}

@@ -17,7 +17,7 @@ SHLIB_LINK = -lcurl -lcjson
 
 # test/run starts etcd and writes regress.conf, which points the temporary
 # instance at it and preloads the module.
-REGRESS = etcd_lock
+REGRESS = etcd_lock xact
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=./regress.conf
 TAP_TESTS = 1
 EXTRA_CLEAN = tmp_regress regress.conf

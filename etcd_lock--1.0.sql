@@ -26,6 +26,25 @@ RETURNS integer
 AS 'MODULE_PATHNAME', 'etcd_unlock_all_session'
 LANGUAGE C VOLATILE PARALLEL UNSAFE;
 
+-- Transaction locks: released when the transaction ends (after COMMIT is
+-- durable and visible, or at once on ABORT).
+CREATE FUNCTION etcd_xact_lock(key text, ttl integer DEFAULT NULL)
+RETURNS text
+AS 'MODULE_PATHNAME', 'etcd_lock_xact'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+CREATE FUNCTION etcd_try_xact_lock(key text, ttl integer DEFAULT NULL,
+                                   wait interval DEFAULT '0')
+RETURNS text
+AS 'MODULE_PATHNAME', 'etcd_try_lock_xact'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+-- The lock key's create_revision: a fencing token that only grows.
+CREATE FUNCTION etcd_lock_token(handle text)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'etcd_lock_fencing_token'
+LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
+
 -- Observability
 CREATE FUNCTION etcd_lock_stats(
     OUT requests bigint,

@@ -14,6 +14,7 @@
 #include <limits.h>
 
 #include "fmgr.h"
+#include "executor/executor.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -33,12 +34,14 @@ int			etcd_lock_request_timeout = 2000;
 int			etcd_lock_max_locks = 1024;
 char	   *etcd_lock_prefix = NULL;
 int			etcd_lock_default_ttl = 30;
+bool		etcd_lock_commit_check = true;
 
 /* whether we were loaded through shared_preload_libraries */
 bool		etcd_lock_loaded = false;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+static ExecutorStart_hook_type prev_ExecutorStart = NULL;
 
 static void *
 json_alloc(size_t size)
@@ -124,6 +127,17 @@ etcd_lock_shmem_startup(void)
 	etcd_shmem_startup();
 }
 
+/* A statement in a transaction whose etcd lock is lost fails at once. */
+static void
+etcd_lock_ExecutorStart(QueryDesc *queryDesc, int eflags)
+{
+	etcd_lock_check_doomed();
+	if (prev_ExecutorStart)
+		prev_ExecutorStart(queryDesc, eflags);
+	else
+		standard_ExecutorStart(queryDesc, eflags);
+}
+
 void
 _PG_init(void)
 {
@@ -172,6 +186,14 @@ _PG_init(void)
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
+	DefineCustomBoolVariable("etcd_lock.commit_check",
+							 "Confirms with etcd before COMMIT that every transaction lock is still held.",
+							 "Costs one request per transaction; without it a lock lost unnoticed lets the transaction commit.",
+							 &etcd_lock_commit_check,
+							 true,
+							 PGC_USERSET, 0,
+							 NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("etcd_lock");
 
 	if (!process_shared_preload_libraries_in_progress)
@@ -182,6 +204,8 @@ _PG_init(void)
 	shmem_request_hook = etcd_lock_shmem_request;
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = etcd_lock_shmem_startup;
+	prev_ExecutorStart = ExecutorStart_hook;
+	ExecutorStart_hook = etcd_lock_ExecutorStart;
 
 	etcd_worker_register();
 }
@@ -335,6 +359,64 @@ etcd_unlock_all_session(PG_FUNCTION_ARGS)
 }
 
 /* ----------------------------------------------------------------
+ * Transaction locks: released when the transaction ends, after COMMIT is
+ * durable and visible, or at once on ABORT
+ * ----------------------------------------------------------------
+ */
+
+PG_FUNCTION_INFO_V1(etcd_lock_xact);
+PG_FUNCTION_INFO_V1(etcd_try_lock_xact);
+PG_FUNCTION_INFO_V1(etcd_lock_fencing_token);
+
+/* etcd_xact_lock(key text, ttl integer DEFAULT NULL) RETURNS text */
+Datum
+etcd_lock_xact(PG_FUNCTION_ARGS)
+{
+	char	   *key;
+	int			ttl;
+
+	require_preload();
+	key = key_arg(fcinfo, 0);
+	ttl = ttl_arg(fcinfo, 1);
+	PG_RETURN_TEXT_P(cstring_to_text(etcd_lock_acquire(key, ttl, true, -1)));
+}
+
+/*
+ * etcd_try_xact_lock(key text, ttl integer DEFAULT NULL,
+ *					  wait interval DEFAULT '0') RETURNS text
+ */
+Datum
+etcd_try_lock_xact(PG_FUNCTION_ARGS)
+{
+	char	   *key;
+	int			ttl;
+	long		wait_ms;
+	char	   *handle;
+
+	require_preload();
+	key = key_arg(fcinfo, 0);
+	ttl = ttl_arg(fcinfo, 1);
+	wait_ms = wait_arg(fcinfo, 2);
+	handle = etcd_lock_acquire(key, ttl, true, wait_ms);
+	if (handle == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(handle));
+}
+
+/*
+ * etcd_lock_token(handle text) RETURNS bigint
+ *
+ * The lock key's create_revision, which only grows from one holder to the
+ * next: a fencing token for downstream writes.
+ */
+Datum
+etcd_lock_fencing_token(PG_FUNCTION_ARGS)
+{
+	require_preload();
+	PG_RETURN_INT64(etcd_lock_token(text_to_cstring(PG_GETARG_TEXT_PP(0))));
+}
+
+/* ----------------------------------------------------------------
  * Views
  * ----------------------------------------------------------------
  */
@@ -417,6 +499,7 @@ etcd_lock_list(PG_FUNCTION_ARGS)
 		Datum		values[10];
 		bool		nulls[10] = {0};
 		const char *state;
+		const char *scope;
 
 		if (lost[i])
 			state = "lost";
@@ -430,8 +513,13 @@ etcd_lock_list(PG_FUNCTION_ARGS)
 		values[2] = CStringGetTextDatum(s->handle);
 		values[3] = Int64GetDatum(s->lease_id);
 		values[4] = Int32GetDatum(s->ttl);
-		values[5] = CStringGetTextDatum(s->session_count > 0 || s->xact_count == 0 ?
-										"session" : "transaction");
+		if (s->session_count > 0)
+			scope = "session";
+		else if (s->xact_count > 0 || s->xact)
+			scope = "transaction";
+		else
+			scope = "session";
+		values[5] = CStringGetTextDatum(scope);
 		values[6] = CStringGetTextDatum(state);
 		values[7] = Int32GetDatum(s->session_count + s->xact_count);
 		if (s->state == ETCD_LOCK_HELD)

@@ -37,6 +37,7 @@ extern int	etcd_lock_request_timeout;
 extern int	etcd_lock_max_locks;
 extern char *etcd_lock_prefix;
 extern int	etcd_lock_default_ttl;
+extern bool etcd_lock_commit_check;
 extern bool etcd_lock_loaded;
 
 /* in client.c */
@@ -100,22 +101,30 @@ extern void etcd_json_add_key(cJSON *obj, const char *field, const char *key);
 
 /* in recipe.c */
 extern int64 etcd_lease_grant(int ttl, int *granted_ttl);
-extern bool etcd_lease_revoke(int64 lease_id, bool nothrow);
+extern bool etcd_lease_revoke(int64 lease_id, int elevel);
 extern int	etcd_recipe_enqueue(const char *name, const char *mykey, int64 lease_id,
 								int64 *myrev, char **pred, int64 *watch_from);
 extern int	etcd_recipe_check(const char *name, const char *mykey, int64 myrev,
 							  char **pred, int64 *watch_from);
-extern bool etcd_recipe_release(const char *mykey, int64 myrev, bool nothrow);
-extern bool etcd_key_delete(const char *mykey, bool nothrow);
+extern int	etcd_recipe_release(const char *mykey, int64 myrev, int elevel);
+extern bool etcd_key_delete(const char *mykey, int elevel);
+extern int	etcd_recipe_verify(const char **keys, const int64 *revs, int n);
 
 #define ETCD_RECIPE_OWNED	0
 #define ETCD_RECIPE_WAIT	1
 #define ETCD_RECIPE_LOST	2
+#define ETCD_RECIPE_NOLEASE	3
+
+#define ETCD_RELEASE_DELETED	0	/* our key, deleted */
+#define ETCD_RELEASE_GONE		1	/* the key was no longer ours */
+#define ETCD_RELEASE_FAILED		2	/* etcd did not answer */
 
 extern char *etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms);
 extern bool etcd_lock_release(const char *handle);
 extern int	etcd_lock_release_all(void);
 extern void etcd_lock_check_lost(void);
+extern void etcd_lock_check_doomed(void);
+extern int64 etcd_lock_token(const char *handle);
 
 /* in shmem.c */
 typedef struct EtcdLockStats
@@ -158,6 +167,7 @@ typedef struct EtcdLockSlot
 	int			ttl;
 	int			session_count;
 	int			xact_count;
+	bool		xact;			/* asked for as a transaction lock */
 	int64		fencing_token;
 	TimestampTz acquired_at;
 	char		name[ETCD_LOCK_NAME_MAX];
@@ -182,8 +192,10 @@ extern int	etcd_lease_slot_reserve(void);
 extern void etcd_lease_slot_fill(int slot, int64 lease_id, int ttl);
 extern void etcd_lease_slot_release(int slot);
 extern bool etcd_lease_slot_lost(int slot, int64 lease_id);
+extern void etcd_lease_slot_set_lost(int slot, int64 lease_id);
+extern int	etcd_locks_on_lease(int64 lease_id);
 extern int	etcd_lock_slot_add(const char *name, const char *handle, int lease_slot,
-							   int64 lease_id, int ttl);
+							   int64 lease_id, int ttl, bool xact);
 extern void etcd_lock_slot_update(int slot, EtcdLockState state, int session_count,
 								  int xact_count, int64 token);
 extern void etcd_lock_slot_remove(int slot);

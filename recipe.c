@@ -16,6 +16,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/proc.h"
@@ -132,7 +133,7 @@ etcd_lease_grant(int ttl, int *granted_ttl)
 
 /* Revoking a lease deletes every key attached to it. */
 bool
-etcd_lease_revoke(int64 lease_id, bool nothrow)
+etcd_lease_revoke(int64 lease_id, int elevel)
 {
 	cJSON	   *req = cJSON_CreateObject();
 	EtcdResult	res;
@@ -142,7 +143,7 @@ etcd_lease_revoke(int64 lease_id, bool nothrow)
 		return true;
 	if (res.kind == ETCD_RES_ERROR && res.grpc_code == 5)
 		return true;			/* already gone, and its keys with it */
-	etcd_report(nothrow ? WARNING : ERROR, "/v3/lease/revoke", &res);
+	etcd_report(elevel, "/v3/lease/revoke", &res);
 	return false;
 }
 
@@ -162,6 +163,7 @@ etcd_recipe_enqueue(const char *name, const char *mykey, int64 lease_id,
 	cJSON	   *range = cJSON_CreateObject();
 	cJSON	   *resp;
 	cJSON	   *compare = cJSON_AddArrayToObject(txn, "compare");
+	EtcdResult	res;
 
 	cJSON_AddItemToArray(compare, create_compare(mykey, 0));
 	success = cJSON_AddArrayToObject(txn, "success");
@@ -174,7 +176,13 @@ etcd_recipe_enqueue(const char *name, const char *mykey, int64 lease_id,
 	etcd_json_add_key(range, "key", mykey);
 	add_op(failure, "request_range", range);
 
-	resp = etcd_call("/v3/kv/txn", txn);
+	if (!etcd_request("/v3/kv/txn", txn, &res))
+	{
+		if (res.kind == ETCD_RES_ERROR && res.grpc_code == 5)
+			return ETCD_RECIPE_NOLEASE; /* "requested lease not found" */
+		etcd_report(ERROR, "/v3/kv/txn", &res);
+	}
+	resp = res.json;
 
 	if (!cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(resp, "succeeded")))
 	{
@@ -229,10 +237,11 @@ etcd_recipe_check(const char *name, const char *mykey, int64 myrev,
 
 /*
  * Delete mykey if it is still the key we created.  The guard keeps a stale
- * release from deleting a newer holder's key.  Returns whether it deleted.
+ * release from deleting a newer holder's key.  A failed request is reported
+ * at elevel.
  */
-bool
-etcd_recipe_release(const char *mykey, int64 myrev, bool nothrow)
+int
+etcd_recipe_release(const char *mykey, int64 myrev, int elevel)
 {
 	cJSON	   *txn = cJSON_CreateObject();
 	cJSON	   *compare = cJSON_AddArrayToObject(txn, "compare");
@@ -246,15 +255,17 @@ etcd_recipe_release(const char *mykey, int64 myrev, bool nothrow)
 
 	if (!etcd_request("/v3/kv/txn", txn, &res))
 	{
-		etcd_report(nothrow ? WARNING : ERROR, "/v3/kv/txn", &res);
-		return false;
+		etcd_report(elevel, "/v3/kv/txn", &res);
+		return ETCD_RELEASE_FAILED;
 	}
-	return cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res.json, "succeeded"));
+	if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(res.json, "succeeded")))
+		return ETCD_RELEASE_DELETED;
+	return ETCD_RELEASE_GONE;
 }
 
 /* Delete a waiter key of ours whose revision we may not know. */
 bool
-etcd_key_delete(const char *mykey, bool nothrow)
+etcd_key_delete(const char *mykey, int elevel)
 {
 	cJSON	   *req = cJSON_CreateObject();
 	EtcdResult	res;
@@ -262,8 +273,46 @@ etcd_key_delete(const char *mykey, bool nothrow)
 	etcd_json_add_key(req, "key", mykey);
 	if (etcd_request("/v3/kv/deleterange", req, &res))
 		return true;
-	etcd_report(nothrow ? WARNING : ERROR, "/v3/kv/deleterange", &res);
+	etcd_report(elevel, "/v3/kv/deleterange", &res);
 	return false;
+}
+
+/*
+ * Confirm that every key still exists with the create_revision we hold, in
+ * one txn.  Returns -1 when all do, else the index of a key that does not.
+ */
+int
+etcd_recipe_verify(const char **keys, const int64 *revs, int n)
+{
+	cJSON	   *txn = cJSON_CreateObject();
+	cJSON	   *compare = cJSON_AddArrayToObject(txn, "compare");
+	cJSON	   *failure = cJSON_AddArrayToObject(txn, "failure");
+	cJSON	   *resp;
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		cJSON	   *range = cJSON_CreateObject();
+
+		cJSON_AddItemToArray(compare, create_compare(keys[i], revs[i]));
+		etcd_json_add_key(range, "key", keys[i]);
+		cJSON_AddBoolToObject(range, "keys_only", true);
+		add_op(failure, "request_range", range);
+	}
+	resp = etcd_call("/v3/kv/txn", txn);
+	if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(resp, "succeeded")))
+		return -1;
+
+	/* a missing key has create_revision 0, which compares unequal */
+	for (i = 0; i < n; i++)
+	{
+		cJSON	   *kv = cJSON_GetArrayItem(
+			cJSON_GetObjectItemCaseSensitive(txn_response(resp, i, "response_range"), "kvs"), 0);
+
+		if (etcd_json_int64(kv, "create_revision") != revs[i])
+			return i;
+	}
+	return 0;					/* the compare failed; blame the first */
 }
 
 /* ----------------------------------------------------------------
@@ -285,6 +334,15 @@ typedef struct LocalLease
 	bool		lost;
 } LocalLease;
 
+/* Transaction holds taken in one (sub)transaction. */
+typedef struct XactHold
+{
+	SubTransactionId subid;
+	int			count;
+} XactHold;
+
+#define MAX_XACT_HOLDS	32
+
 typedef struct LocalLock
 {
 	char		etcd_name[ETCD_LOCK_KEY_MAX];	/* hash key: prefix + name */
@@ -293,17 +351,32 @@ typedef struct LocalLock
 	int			lease;			/* index into leases[] */
 	int64		revision;		/* create_revision: the fencing token */
 	int			session_count;
-	int			xact_count;
+	int			xact_count;		/* sum of holds[].count */
+	int			nholds;
+	XactHold	holds[MAX_XACT_HOLDS];
 	int			slot;			/* in the shared lock table */
 	bool		lost;
 } LocalLock;
 
+/* Keys whose release failed; retried at the next call, revoked at exit. */
+typedef struct PendingRelease
+{
+	char		handle[ETCD_LOCK_KEY_MAX];
+	int64		revision;
+	int			lease;
+} PendingRelease;
+
 static LocalLease *leases = NULL;
 static int	nleases = 0;
 static HTAB *local_locks = NULL;
-static bool exit_callback_set = false;
+static int	xact_locks = 0;		/* locks with xact_count > 0 */
+static PendingRelease *pending = NULL;
+static int	npending = 0;
 
 static void etcd_lock_exit(int code, Datum arg);
+static void etcd_lock_xact_callback(XactEvent event, void *arg);
+static void etcd_lock_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+									   SubTransactionId parentSubid, void *arg);
 
 static void
 local_init(void)
@@ -316,13 +389,13 @@ local_init(void)
 	ctl.entrysize = sizeof(LocalLock);
 	local_locks = hash_create("etcd_lock local locks", 64, &ctl,
 							  HASH_ELEM | HASH_STRINGS);
-	leases = MemoryContextAllocZero(TopMemoryContext, sizeof(LocalLease) * 4);
 	nleases = 4;
-	if (!exit_callback_set)
-	{
-		before_shmem_exit(etcd_lock_exit, (Datum) 0);
-		exit_callback_set = true;
-	}
+	leases = MemoryContextAllocZero(TopMemoryContext, sizeof(LocalLease) * nleases);
+	pending = MemoryContextAllocZero(TopMemoryContext,
+									 sizeof(PendingRelease) * etcd_lock_max_locks);
+	before_shmem_exit(etcd_lock_exit, (Datum) 0);
+	RegisterXactCallback(etcd_lock_xact_callback, NULL);
+	RegisterSubXactCallback(etcd_lock_subxact_callback, NULL);
 }
 
 static void
@@ -391,6 +464,8 @@ lock_forget(LocalLock *lock)
 	LocalLease *lease = &leases[lock->lease];
 
 	etcd_lock_slot_remove(lock->slot);
+	if (lock->xact_count > 0)
+		xact_locks--;
 	lease->nlocks--;
 	if (lease->lost && lease->nlocks == 0)
 		lease_forget(lock->lease);
@@ -398,19 +473,131 @@ lock_forget(LocalLock *lock)
 }
 
 /*
- * Warn once about each lock whose lease the worker found gone.  Every entry
- * point calls this, so a lost lock is never lost silently.
+ * A key we no longer want could not be deleted (etcd unreachable).  It must
+ * not outlive our interest in it, or it would block everyone queued behind
+ * it: retry it at the next call, and if its lease carries nothing else,
+ * stop renewing the lease so etcd drops the key when the lease expires.
+ */
+static void
+defer_release(int lease_i, const char *handle, int64 revision)
+{
+	LocalLease *lease = &leases[lease_i];
+
+	if (lease->nlocks == 0 && !lease->lost)
+	{
+		lease->lost = true;
+		lease_forget(lease_i);
+		ereport(WARNING,
+				(errmsg("etcd key %s could not be deleted", handle),
+				 errdetail("It will expire with its lease within %d seconds.", lease->ttl)));
+		return;
+	}
+	if (npending < etcd_lock_max_locks)
+	{
+		PendingRelease *p = &pending[npending++];
+
+		strlcpy(p->handle, handle, sizeof(p->handle));
+		p->revision = revision;
+		p->lease = lease_i;
+		lease->nlocks++;		/* the lease must stay until it is gone */
+	}
+	ereport(WARNING,
+			(errmsg("etcd key %s could not be deleted", handle),
+			 errdetail("It will be deleted at the next call, or when this session ends.")));
+}
+
+/* Retry deferred releases; quiet while etcd is still unreachable. */
+static void
+flush_pending(void)
+{
+	int			i = 0;
+
+	while (i < npending)
+	{
+		PendingRelease *p = &pending[i];
+		LocalLease *lease = &leases[p->lease];
+
+		if (!lease->lost &&
+			etcd_recipe_release(p->handle, p->revision, DEBUG1) == ETCD_RELEASE_FAILED)
+		{
+			i++;
+			continue;
+		}
+		/* released now, or gone with its lease */
+		lease->nlocks--;
+		if (lease->lost && lease->nlocks == 0)
+			lease_forget(p->lease);
+		pending[i] = pending[--npending];
+	}
+}
+
+/* A key we hold again must not be deleted by an older deferred release. */
+static void
+drop_pending(const char *handle)
+{
+	int			i;
+
+	for (i = 0; i < npending; i++)
+	{
+		if (strcmp(pending[i].handle, handle) == 0)
+		{
+			leases[pending[i].lease].nlocks--;
+			pending[i] = pending[--npending];
+			return;
+		}
+	}
+}
+
+/*
+ * Release a lock's key and forget the lock.  elevel ERROR is for SQL calls:
+ * the lock stays held if etcd cannot be reached.  Anything lower is for
+ * transaction end and error paths, where the release is deferred instead.
+ * Returns whether the key was ours to delete (false: it was lost).
+ */
+static bool
+release_key(LocalLock *lock, int elevel)
+{
+	int			lease_i = lock->lease;
+	char		handle[ETCD_LOCK_KEY_MAX];
+	int64		revision = lock->revision;
+	int			r;
+
+	strlcpy(handle, lock->handle, sizeof(handle));
+	if (lock->lost)
+		r = ETCD_RELEASE_GONE;	/* reported when found lost */
+	else if (leases[lease_i].lost)
+		r = ETCD_RELEASE_DELETED;	/* we revoked the lease, and the key */
+	else
+		r = etcd_recipe_release(handle, revision, elevel);
+	if (!lock->lost)
+		etcd_stat_add(released, 1);
+	if (r == ETCD_RELEASE_GONE && !lock->lost)
+		etcd_stat_add(lost, 1);
+	lock_forget(lock);
+	if (r == ETCD_RELEASE_FAILED)
+		defer_release(lease_i, handle, revision);
+	return r == ETCD_RELEASE_DELETED;
+}
+
+/*
+ * Report locks whose lease the worker found gone.  Every entry point calls
+ * this, so a lost lock is never lost silently: a lost session lock gets a
+ * WARNING once, and a lost transaction lock dooms its transaction with an
+ * ERROR.  Also retries deferred releases.
  */
 void
 etcd_lock_check_lost(void)
 {
 	HASH_SEQ_STATUS seq;
 	LocalLock  *lock;
+	LocalLock  *doomed = NULL;
 	bool		any = false;
 	int			i;
 
 	if (local_locks == NULL)
 		return;
+	if (npending > 0)
+		flush_pending();
 	for (i = 0; i < nleases; i++)
 	{
 		if (leases[i].id != 0 && !leases[i].lost &&
@@ -431,12 +618,41 @@ etcd_lock_check_lost(void)
 		if (lock->lost || !leases[lock->lease].lost)
 			continue;
 		lock->lost = true;
+		if (lock->xact_count > 0)
+		{
+			doomed = lock;
+			continue;
+		}
 		ereport(WARNING,
 				(errcode(ERRCODE_ETCD_LOCK_LOST),
 				 errmsg("etcd lock \"%s\" was lost", lock->name),
 				 errdetail("Its lease %llx expired or was revoked in etcd, which deleted the key %s.",
 						   (unsigned long long) leases[lock->lease].id, lock->handle)));
 	}
+	if (doomed)
+		ereport(ERROR,
+				(errcode(ERRCODE_ETCD_LOCK_LOST),
+				 errmsg("etcd transaction lock \"%s\" was lost", doomed->name),
+				 errdetail("Its lease %llx expired or was revoked in etcd, which deleted the key %s.",
+						   (unsigned long long) leases[doomed->lease].id, doomed->handle),
+				 errhint("The transaction cannot commit; retry it.")));
+}
+
+/* Called before each statement: a transaction under a lost lock is doomed. */
+void
+etcd_lock_check_doomed(void)
+{
+	int			i;
+
+	if (xact_locks == 0)
+		return;
+	for (i = 0; i < nleases; i++)
+		if (leases[i].id != 0 && !leases[i].lost &&
+			etcd_lease_slot_lost(leases[i].slot, leases[i].id))
+		{
+			etcd_lock_check_lost();
+			return;
+		}
 }
 
 /*
@@ -456,67 +672,56 @@ abandon_wait(int lease_i, const char *mykey, int slot, bool after_error)
 		int64		id = lease->id;
 
 		lease_forget(lease_i);
-		etcd_lease_revoke(id, true);
+		etcd_lease_revoke(id, WARNING);
 	}
-	else if (!etcd_key_delete(mykey, true))
+	else if (!etcd_key_delete(mykey, WARNING))
+		defer_release(lease_i, mykey, 0);
+}
+
+static void
+add_hold(LocalLock *lock, bool xact)
+{
+	SubTransactionId subid;
+	int			i;
+
+	if (!xact)
 	{
-		/*
-		 * A waiter key left in etcd would block everyone queued behind it
-		 * for as long as the lease lives, so stop renewing that lease.
-		 */
-		lease->lost = true;
-		if (lease->nlocks == 0)
-			lease_forget(lease_i);
+		lock->session_count++;
+		return;
 	}
+	subid = GetCurrentSubTransactionId();
+	for (i = 0; i < lock->nholds; i++)
+		if (lock->holds[i].subid == subid)
+			break;
+	if (i == lock->nholds)
+	{
+		if (lock->nholds == MAX_XACT_HOLDS)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("too many nested savepoints hold etcd lock \"%s\"", lock->name)));
+		lock->holds[lock->nholds].subid = subid;
+		lock->holds[lock->nholds++].count = 0;
+	}
+	lock->holds[i].count++;
+	if (lock->xact_count++ == 0)
+		xact_locks++;
 }
 
 /*
- * Take the lock NAME (prefix added), waiting at most wait_ms (-1: forever).
- * Returns the handle, or NULL when the wait ran out.
+ * Queue for a lock with our key on one lease, and wait for it.  Returns
+ * ETCD_RECIPE_OWNED with *myrev set, ETCD_RECIPE_WAIT when the wait ran out,
+ * or ETCD_RECIPE_NOLEASE when etcd no longer has the lease.  Whatever does
+ * not end in OWNED leaves no key behind.
  */
-char *
-etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
+static int
+enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
+				 const char *handle, int slot, long wait_ms, int64 *myrev)
 {
-	char	   *etcd_name = psprintf("%s%s", etcd_lock_prefix, name);
-	LocalLock  *lock;
-	bool		found;
-	int			lease_i;
-	int64		lease_id;
-	char	   *handle;
-	int			slot;
+	int64		lease_id = leases[lease_i].id;
 	int			status = ETCD_RECIPE_WAIT;
-	int64		myrev = 0;
 	char	   *pred = NULL;
 	int64		watch_from = 0;
 	TimestampTz deadline = 0;
-
-	local_init();
-	etcd_lock_check_lost();
-
-	/* reentrant: a session never waits for itself */
-	lock = hash_search(local_locks, etcd_name, HASH_FIND, NULL);
-	if (lock != NULL && lock->lost)
-	{
-		lock_forget(lock);		/* already reported by check_lost */
-		lock = NULL;
-	}
-	if (lock != NULL)
-	{
-		if (xact)
-			lock->xact_count++;
-		else
-			lock->session_count++;
-		etcd_lock_slot_update(lock->slot, ETCD_LOCK_HELD, lock->session_count,
-							  lock->xact_count, lock->revision);
-		return pstrdup(lock->handle);
-	}
-
-	lease_i = lease_for_ttl(ttl);
-	lease_id = leases[lease_i].id;
-	/* etcd's layout: NAME/ + the lease ID in lower-case hex, unpadded */
-	handle = psprintf("%s/%llx", etcd_name, (unsigned long long) lease_id);
-	slot = etcd_lock_slot_add(name, handle, leases[lease_i].slot, lease_id, ttl);
-	leases[lease_i].nlocks++;
 
 	if (wait_ms > 0)
 		deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
@@ -527,7 +732,7 @@ etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
 		if (LockTimeout > 0)
 			enable_timeout_after(LOCK_TIMEOUT, LockTimeout);
 
-		status = etcd_recipe_enqueue(etcd_name, handle, lease_id, &myrev,
+		status = etcd_recipe_enqueue(etcd_name, handle, lease_id, myrev,
 									 &pred, &watch_from);
 		while (status == ETCD_RECIPE_WAIT && wait_ms != 0)
 		{
@@ -548,7 +753,7 @@ etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
 			if (r == ETCD_WATCH_TIMEOUT)
 				break;
 
-			status = etcd_recipe_check(etcd_name, handle, myrev, &pred, &watch_from);
+			status = etcd_recipe_check(etcd_name, handle, *myrev, &pred, &watch_from);
 			if (status == ETCD_RECIPE_LOST)
 				ereport(ERROR,
 						(errcode(ERRCODE_ETCD_LOCK_LOST),
@@ -571,21 +776,91 @@ etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
 	}
 	PG_END_TRY();
 
-	if (status != ETCD_RECIPE_OWNED)
-	{
+	if (status == ETCD_RECIPE_WAIT)
 		abandon_wait(lease_i, handle, slot, false);
-		return NULL;
+	return status;
+}
+
+/*
+ * Take the lock NAME (prefix added), waiting at most wait_ms (-1: forever).
+ * Returns the handle, or NULL when the wait ran out.
+ */
+char *
+etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
+{
+	char	   *etcd_name = psprintf("%s%s", etcd_lock_prefix, name);
+	LocalLock  *lock;
+	bool		found;
+	int			lease_i;
+	int64		lease_id;
+	char	   *handle;
+	int			slot;
+	int			status;
+	int			attempt;
+	int64		myrev = 0;
+
+	local_init();
+	etcd_lock_check_lost();
+
+	/* reentrant, and stacking session and transaction holds: one key */
+	lock = hash_search(local_locks, etcd_name, HASH_FIND, NULL);
+	if (lock != NULL && lock->lost)
+	{
+		lock_forget(lock);		/* already reported by check_lost */
+		lock = NULL;
+	}
+	if (lock != NULL)
+	{
+		add_hold(lock, xact);
+		etcd_lock_slot_update(lock->slot, ETCD_LOCK_HELD, lock->session_count,
+							  lock->xact_count, lock->revision);
+		return pstrdup(lock->handle);
 	}
 
+	for (attempt = 1;; attempt++)
+	{
+		lease_i = lease_for_ttl(ttl);
+		lease_id = leases[lease_i].id;
+		/* etcd's layout: NAME/ + the lease ID in lower-case hex, unpadded */
+		handle = psprintf("%s/%llx", etcd_name, (unsigned long long) lease_id);
+		slot = etcd_lock_slot_add(name, handle, leases[lease_i].slot, lease_id,
+								  ttl, xact);
+		leases[lease_i].nlocks++;
+
+		status = enqueue_and_wait(etcd_name, name, lease_i, handle, slot,
+								  wait_ms, &myrev);
+		if (status != ETCD_RECIPE_NOLEASE)
+			break;
+
+		/*
+		 * etcd dropped the lease before the worker noticed (revoked from
+		 * outside).  Report the locks that rode on it, then take a new one.
+		 */
+		etcd_lock_slot_remove(slot);
+		leases[lease_i].nlocks--;
+		etcd_lease_slot_set_lost(leases[lease_i].slot, lease_id);
+		etcd_lock_check_lost();
+		if (attempt == 3)
+			ereport(ERROR,
+					(errcode(ERRCODE_ETCD_LOCK_LOST),
+					 errmsg("etcd dropped every lease granted for lock \"%s\"", name)));
+	}
+
+	if (status != ETCD_RECIPE_OWNED)
+		return NULL;
+
+	drop_pending(handle);
 	lock = hash_search(local_locks, etcd_name, HASH_ENTER, &found);
 	strlcpy(lock->name, name, sizeof(lock->name));
 	strlcpy(lock->handle, handle, sizeof(lock->handle));
 	lock->lease = lease_i;
 	lock->revision = myrev;
-	lock->session_count = xact ? 0 : 1;
-	lock->xact_count = xact ? 1 : 0;
+	lock->session_count = 0;
+	lock->xact_count = 0;
+	lock->nholds = 0;
 	lock->slot = slot;
 	lock->lost = false;
+	add_hold(lock, xact);
 	etcd_lock_slot_update(slot, ETCD_LOCK_HELD, lock->session_count,
 						  lock->xact_count, myrev);
 	etcd_stat_add(acquired, 1);
@@ -612,7 +887,7 @@ lock_by_handle(const char *handle)
 	return NULL;
 }
 
-/* Release one hold of a session lock; the last one deletes the key. */
+/* Release one hold of a session lock; the last hold deletes the key. */
 bool
 etcd_lock_release(const char *handle)
 {
@@ -625,7 +900,8 @@ etcd_lock_release(const char *handle)
 	{
 		ereport(WARNING,
 				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
-				 errmsg("you don't own a session-level etcd lock with handle \"%s\"", handle)));
+				 errmsg("you don't own a session-level etcd lock with this handle"),
+				 errdetail("Handle: %s", handle)));
 		return false;
 	}
 	if (lock->lost)
@@ -644,14 +920,12 @@ etcd_lock_release(const char *handle)
 	}
 
 	/* an ERROR here leaves the lock held, as it still is in etcd */
-	deleted = etcd_recipe_release(lock->handle, lock->revision, false);
-	etcd_stat_add(released, 1);
+	deleted = release_key(lock, ERROR);
 	if (!deleted)
 		ereport(WARNING,
 				(errcode(ERRCODE_ETCD_LOCK_LOST),
-				 errmsg("etcd lock \"%s\" was lost before it was released", lock->name),
-				 errdetail("Its key %s was no longer in etcd.", lock->handle)));
-	lock_forget(lock);
+				 errmsg("etcd lock was lost before it was released"),
+				 errdetail("The key %s was no longer in etcd.", handle)));
 	return deleted;
 }
 
@@ -682,7 +956,7 @@ etcd_lock_release_all(void)
 	{
 		if (leases[i].id != 0 && !leases[i].lost && going[i] == leases[i].nlocks)
 		{
-			etcd_lease_revoke(leases[i].id, false);
+			etcd_lease_revoke(leases[i].id, ERROR);
 			leases[i].lost = true;	/* gone: forget it with its last lock */
 		}
 	}
@@ -699,14 +973,9 @@ etcd_lock_release_all(void)
 								  lock->xact_count, lock->revision);
 			continue;
 		}
-		if (!lock->lost && !leases[lock->lease].lost)
-			etcd_recipe_release(lock->handle, lock->revision, false);
 		if (!lock->lost)
-		{
 			released++;
-			etcd_stat_add(released, 1);
-		}
-		lock_forget(lock);
+		release_key(lock, ERROR);
 	}
 	/* leases left with no lock are not renewed for nothing */
 	for (i = 0; i < nleases; i++)
@@ -715,10 +984,202 @@ etcd_lock_release_all(void)
 	return released;
 }
 
+/* etcd_lock_token(): the create_revision of a lock this session holds. */
+int64
+etcd_lock_token(const char *handle)
+{
+	LocalLock  *lock;
+
+	etcd_lock_check_lost();
+	lock = lock_by_handle(handle);
+	if (lock == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("this session holds no etcd lock with handle \"%s\"", handle)));
+	if (lock->lost)
+		ereport(ERROR,
+				(errcode(ERRCODE_ETCD_LOCK_LOST),
+				 errmsg("etcd lock \"%s\" was lost", lock->name)));
+	return lock->revision;
+}
+
+/* ----------------------------------------------------------------
+ * Transaction end
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * Before COMMIT makes the writes durable, confirm with etcd that every
+ * transaction lock is still ours, in one request.  An ERROR here aborts the
+ * transaction, so a writer that lost its lock never commits.
+ */
+static void
+commit_check(void)
+{
+	HASH_SEQ_STATUS seq;
+	LocalLock  *lock;
+	LocalLock **locks = palloc(sizeof(LocalLock *) * xact_locks);
+	const char **keys = palloc(sizeof(char *) * xact_locks);
+	int64	   *revs = palloc(sizeof(int64) * xact_locks);
+	int			n = 0;
+	int			done;
+
+	/* a loss the worker already saw needs no request */
+	etcd_lock_check_lost();
+	if (!etcd_lock_commit_check)
+		return;
+
+	hash_seq_init(&seq, local_locks);
+	while ((lock = hash_seq_search(&seq)) != NULL)
+	{
+		if (lock->xact_count == 0)
+			continue;
+		locks[n] = lock;
+		keys[n] = lock->handle;
+		revs[n++] = lock->revision;
+	}
+
+	/* etcd allows 128 operations per txn by default */
+	for (done = 0; done < n; done += 128)
+	{
+		int			bad = etcd_recipe_verify(keys + done, revs + done, Min(128, n - done));
+
+		if (bad >= 0)
+		{
+			lock = locks[done + bad];
+			lock->lost = true;
+			etcd_stat_add(lost, 1);
+			ereport(ERROR,
+					(errcode(ERRCODE_ETCD_LOCK_LOST),
+					 errmsg("etcd transaction lock \"%s\" was lost before commit", lock->name),
+					 errdetail("Its key %s is no longer in etcd with revision " INT64_FORMAT ", so another holder may have taken the lock.",
+							   lock->handle, lock->revision),
+					 errhint("The transaction was rolled back; retry it.")));
+		}
+	}
+}
+
+/* Drop every transaction hold; the last hold of a lock releases its key. */
+static void
+release_xact_locks(void)
+{
+	HASH_SEQ_STATUS seq;
+	LocalLock  *lock;
+
+	hash_seq_init(&seq, local_locks);
+	while ((lock = hash_seq_search(&seq)) != NULL)
+	{
+		if (lock->xact_count == 0)
+			continue;
+		lock->nholds = 0;
+		if (lock->session_count > 0)
+		{
+			lock->xact_count = 0;
+			xact_locks--;
+			etcd_lock_slot_update(lock->slot, ETCD_LOCK_HELD, lock->session_count,
+								  0, lock->revision);
+			continue;
+		}
+		release_key(lock, WARNING);
+	}
+}
+
+static void
+etcd_lock_xact_callback(XactEvent event, void *arg)
+{
+	if (xact_locks == 0)
+		return;
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+			commit_check();
+			break;
+		case XACT_EVENT_PRE_PREPARE:
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("cannot PREPARE a transaction that holds etcd transaction locks"),
+					 errdetail("etcd locks belong to this session's leases and cannot outlive it.")));
+			break;
+
+			/*
+			 * COMMIT runs after the commit record is flushed and the
+			 * transaction is visible to others, so the next holder sees our
+			 * writes.  Interrupts are held off here; each request is still
+			 * bounded by etcd_lock.request_timeout.
+			 */
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_ABORT:
+			release_xact_locks();
+			break;
+		default:
+			break;
+	}
+}
+
+static void
+etcd_lock_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						   SubTransactionId parentSubid, void *arg)
+{
+	HASH_SEQ_STATUS seq;
+	LocalLock  *lock;
+
+	if (xact_locks == 0 ||
+		(event != SUBXACT_EVENT_COMMIT_SUB && event != SUBXACT_EVENT_ABORT_SUB))
+		return;
+
+	hash_seq_init(&seq, local_locks);
+	while ((lock = hash_seq_search(&seq)) != NULL)
+	{
+		int			i;
+		int			parent = -1;
+
+		for (i = 0; i < lock->nholds; i++)
+			if (lock->holds[i].subid == parentSubid)
+				parent = i;
+		for (i = 0; i < lock->nholds; i++)
+		{
+			if (lock->holds[i].subid != mySubid)
+				continue;
+			if (event == SUBXACT_EVENT_COMMIT_SUB)
+			{
+				/* a released savepoint's holds belong to its parent */
+				if (parent >= 0)
+				{
+					lock->holds[parent].count += lock->holds[i].count;
+					lock->holds[i] = lock->holds[--lock->nholds];
+				}
+				else
+					lock->holds[i].subid = parentSubid;
+			}
+			else
+			{
+				/* a rolled-back savepoint's holds are released */
+				lock->xact_count -= lock->holds[i].count;
+				lock->holds[i] = lock->holds[--lock->nholds];
+				if (lock->xact_count == 0)
+				{
+					xact_locks--;
+					if (lock->session_count == 0)
+						release_key(lock, WARNING);
+					else
+						etcd_lock_slot_update(lock->slot, ETCD_LOCK_HELD,
+											  lock->session_count, 0, lock->revision);
+				}
+				else
+					etcd_lock_slot_update(lock->slot, ETCD_LOCK_HELD,
+										  lock->session_count, lock->xact_count,
+										  lock->revision);
+			}
+			break;
+		}
+	}
+}
+
 /*
  * Session end, normal or by pg_terminate_backend: revoke every lease, which
  * deletes every key of this session, held or waiting.  On a crash nothing
- * runs, and etcd frees the locks when the leases expire.
+ * runs, and etcd frees the locks when the leases expire.  This runs before
+ * the transaction abort of a dying backend, so it forgets everything.
  */
 static void
 etcd_lock_exit(int code, Datum arg)
@@ -734,18 +1195,18 @@ etcd_lock_exit(int code, Datum arg)
 		if (leases[i].id == 0)
 			continue;
 		if (!leases[i].lost)
-			etcd_lease_revoke(leases[i].id, true);
+			etcd_lease_revoke(leases[i].id, WARNING);
 		lease_forget(i);
 	}
-	if (local_locks)
+	hash_seq_init(&seq, local_locks);
+	while ((lock = hash_seq_search(&seq)) != NULL)
 	{
-		hash_seq_init(&seq, local_locks);
-		while ((lock = hash_seq_search(&seq)) != NULL)
-		{
-			if (!lock->lost)
-				etcd_stat_add(released, 1);
-			etcd_lock_slot_remove(lock->slot);
-		}
+		if (!lock->lost)
+			etcd_stat_add(released, 1);
+		etcd_lock_slot_remove(lock->slot);
+		hash_search(local_locks, lock->etcd_name, HASH_REMOVE, NULL);
 	}
+	xact_locks = 0;
+	npending = 0;
 	RESUME_INTERRUPTS();
 }

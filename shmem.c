@@ -152,7 +152,7 @@ etcd_lease_slot_lost(int slot, int64 lease_id)
 
 int
 etcd_lock_slot_add(const char *name, const char *handle, int lease_slot,
-				   int64 lease_id, int ttl)
+				   int64 lease_id, int ttl, bool xact)
 {
 	int			i;
 
@@ -170,6 +170,7 @@ etcd_lock_slot_add(const char *name, const char *handle, int lease_slot,
 			s->ttl = ttl;
 			s->session_count = 0;
 			s->xact_count = 0;
+			s->xact = xact;
 			s->fencing_token = 0;
 			s->acquired_at = 0;
 			strlcpy(s->name, name, sizeof(s->name));
@@ -205,4 +206,35 @@ etcd_lock_slot_remove(int slot)
 	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
 	etcd_shared->locks[slot].state = ETCD_LOCK_FREE;
 	LWLockRelease(etcd_shared->lock);
+}
+
+/* Count the locks riding on a lease; the caller holds the LWLock. */
+int
+etcd_locks_on_lease(int64 lease_id)
+{
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < etcd_lock_max_locks; i++)
+		if (etcd_shared->locks[i].state != ETCD_LOCK_FREE &&
+			etcd_shared->locks[i].lease_id == lease_id)
+			n++;
+	return n;
+}
+
+/* A backend learned from etcd itself that its lease is gone. */
+void
+etcd_lease_slot_set_lost(int slot, int64 lease_id)
+{
+	EtcdLeaseSlot *s = &etcd_shared->leases[slot];
+	int			n = 0;
+
+	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+	if (s->lease_id == lease_id && !s->lost)
+	{
+		s->lost = true;
+		n = etcd_locks_on_lease(lease_id);
+	}
+	LWLockRelease(etcd_shared->lock);
+	etcd_stat_add(lost, n);
 }

@@ -59,20 +59,6 @@ etcd_worker_register(void)
 	RegisterBackgroundWorker(&worker);
 }
 
-/* Count the locks riding on a lease, for the "lost" statistic. */
-static int
-locks_on_lease(int64 lease_id)
-{
-	int			n = 0;
-	int			i;
-
-	for (i = 0; i < etcd_lock_max_locks; i++)
-		if (etcd_shared->locks[i].state != ETCD_LOCK_FREE &&
-			etcd_shared->locks[i].lease_id == lease_id)
-			n++;
-	return n;
-}
-
 static void
 finish_keepalive(int i)
 {
@@ -113,7 +99,7 @@ finish_keepalive(int i)
 			/* a keepalive answered without a TTL: etcd has no such lease */
 			s->lost = true;
 			owner = s->owner_latch;
-			nlost = locks_on_lease(k->lease_id);
+			nlost = etcd_locks_on_lease(k->lease_id);
 		}
 		else
 		{

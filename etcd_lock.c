@@ -283,30 +283,50 @@ wait_arg(FunctionCallInfo fcinfo, int argno)
 }
 
 /* ----------------------------------------------------------------
- * Session locks
+ * Locks
  * ----------------------------------------------------------------
  */
 
 PG_FUNCTION_INFO_V1(etcd_lock_session);
 PG_FUNCTION_INFO_V1(etcd_try_lock_session);
+PG_FUNCTION_INFO_V1(etcd_lock_xact);
+PG_FUNCTION_INFO_V1(etcd_try_lock_xact);
 PG_FUNCTION_INFO_V1(etcd_unlock_session);
 PG_FUNCTION_INFO_V1(etcd_unlock_all_session);
+PG_FUNCTION_INFO_V1(etcd_lock_fencing_token);
 
 /*
- * etcd_lock(key text, ttl integer DEFAULT NULL) RETURNS text
- *
- * Wait for the lock and return its handle, the etcd key it holds.
+ * The four lock functions share their arguments (key, ttl[, wait]) and
+ * differ in scope and in whether they give up after wait.
  */
-Datum
-etcd_lock_session(PG_FUNCTION_ARGS)
+static Datum
+lock_common(FunctionCallInfo fcinfo, bool xact, bool try)
 {
 	char	   *key;
 	int			ttl;
+	long		wait_ms = -1;
+	char	   *handle;
 
 	require_preload();
 	key = key_arg(fcinfo, 0);
 	ttl = ttl_arg(fcinfo, 1);
-	PG_RETURN_TEXT_P(cstring_to_text(etcd_lock_acquire(key, ttl, false, -1)));
+	if (try)
+		wait_ms = wait_arg(fcinfo, 2);
+	handle = etcd_lock_acquire(key, ttl, xact, wait_ms);
+	if (handle == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(handle));
+}
+
+/*
+ * etcd_lock(key text, ttl integer DEFAULT NULL) RETURNS text
+ *
+ * Wait for a session lock and return its handle, the etcd key it holds.
+ */
+Datum
+etcd_lock_session(PG_FUNCTION_ARGS)
+{
+	return lock_common(fcinfo, false, false);
 }
 
 /*
@@ -318,19 +338,29 @@ etcd_lock_session(PG_FUNCTION_ARGS)
 Datum
 etcd_try_lock_session(PG_FUNCTION_ARGS)
 {
-	char	   *key;
-	int			ttl;
-	long		wait_ms;
-	char	   *handle;
+	return lock_common(fcinfo, false, true);
+}
 
-	require_preload();
-	key = key_arg(fcinfo, 0);
-	ttl = ttl_arg(fcinfo, 1);
-	wait_ms = wait_arg(fcinfo, 2);
-	handle = etcd_lock_acquire(key, ttl, false, wait_ms);
-	if (handle == NULL)
-		PG_RETURN_NULL();
-	PG_RETURN_TEXT_P(cstring_to_text(handle));
+/*
+ * etcd_xact_lock(key text, ttl integer DEFAULT NULL) RETURNS text
+ *
+ * A transaction lock: released when the transaction ends, after COMMIT is
+ * durable and visible, or at once on ABORT.
+ */
+Datum
+etcd_lock_xact(PG_FUNCTION_ARGS)
+{
+	return lock_common(fcinfo, true, false);
+}
+
+/*
+ * etcd_try_xact_lock(key text, ttl integer DEFAULT NULL,
+ *					  wait interval DEFAULT '0') RETURNS text
+ */
+Datum
+etcd_try_lock_xact(PG_FUNCTION_ARGS)
+{
+	return lock_common(fcinfo, true, true);
 }
 
 /*
@@ -356,51 +386,6 @@ etcd_unlock_all_session(PG_FUNCTION_ARGS)
 {
 	require_preload();
 	PG_RETURN_INT32(etcd_lock_release_all());
-}
-
-/* ----------------------------------------------------------------
- * Transaction locks: released when the transaction ends, after COMMIT is
- * durable and visible, or at once on ABORT
- * ----------------------------------------------------------------
- */
-
-PG_FUNCTION_INFO_V1(etcd_lock_xact);
-PG_FUNCTION_INFO_V1(etcd_try_lock_xact);
-PG_FUNCTION_INFO_V1(etcd_lock_fencing_token);
-
-/* etcd_xact_lock(key text, ttl integer DEFAULT NULL) RETURNS text */
-Datum
-etcd_lock_xact(PG_FUNCTION_ARGS)
-{
-	char	   *key;
-	int			ttl;
-
-	require_preload();
-	key = key_arg(fcinfo, 0);
-	ttl = ttl_arg(fcinfo, 1);
-	PG_RETURN_TEXT_P(cstring_to_text(etcd_lock_acquire(key, ttl, true, -1)));
-}
-
-/*
- * etcd_try_xact_lock(key text, ttl integer DEFAULT NULL,
- *					  wait interval DEFAULT '0') RETURNS text
- */
-Datum
-etcd_try_lock_xact(PG_FUNCTION_ARGS)
-{
-	char	   *key;
-	int			ttl;
-	long		wait_ms;
-	char	   *handle;
-
-	require_preload();
-	key = key_arg(fcinfo, 0);
-	ttl = ttl_arg(fcinfo, 1);
-	wait_ms = wait_arg(fcinfo, 2);
-	handle = etcd_lock_acquire(key, ttl, true, wait_ms);
-	if (handle == NULL)
-		PG_RETURN_NULL();
-	PG_RETURN_TEXT_P(cstring_to_text(handle));
 }
 
 /*

@@ -16,6 +16,8 @@
  */
 #include "postgres.h"
 
+#include <unistd.h>
+
 #include <curl/curl.h>
 
 #include "common/base64.h"
@@ -59,6 +61,8 @@ struct EtcdTransfer
 	bool		done;
 	CURLcode	code;
 	char		errbuf[CURL_ERROR_SIZE];
+	bool		with_auth;		/* send the auth token, if we have one */
+	char	   *header_token;	/* the token in headers, malloc'd */
 };
 
 /* This backend's client: one multi handle, a unary and a watch transfer. */
@@ -73,6 +77,22 @@ static bool endpoints_stale = true;
 static int	preferred_endpoint = 0;
 
 static bool curl_ready = false;
+
+/* Watch state: when it started, and whether etcd confirmed it. */
+static TimestampTz watch_started;
+static bool watch_created;
+
+/*
+ * A waiter re-checks its queue this often even without an event, so that a
+ * member that froze (and so never sends the event) cannot strand it.
+ */
+#define WATCH_RECHECK_MS	5000
+
+/*
+ * etcd auth token, shared by everything in this process.  malloc'd: it
+ * outlives transactions.  NULL until authenticated, or when auth is off.
+ */
+static char *auth_token = NULL;
 
 static void
 curl_init_once(void)
@@ -245,21 +265,62 @@ etcd_transfer_create(void)
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory")));
 
-	t->headers = curl_slist_append(NULL, "Content-Type: application/json");
-	/* no "Expect: 100-continue" round trip for larger bodies */
-	t->headers = curl_slist_append(t->headers, "Expect:");
+	t->with_auth = true;
 
 	curl_easy_setopt(e, CURLOPT_PRIVATE, t);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, transfer_write_cb);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
 	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
-	curl_easy_setopt(e, CURLOPT_HTTPHEADER, t->headers);
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
 	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
 	curl_easy_setopt(e, CURLOPT_POST, 1L);
 	return t;
+}
+
+/* Headers: JSON, and the auth token when there is one (none when auth is off). */
+static void
+transfer_headers(EtcdTransfer *t, const char *token)
+{
+	char	   *line;
+
+	if (t->headers != NULL &&
+		((token == NULL && t->header_token == NULL) ||
+		 (token && t->header_token && strcmp(token, t->header_token) == 0)))
+		return;
+	curl_slist_free_all(t->headers);
+	free(t->header_token);
+	t->header_token = NULL;
+	t->headers = curl_slist_append(NULL, "Content-Type: application/json");
+	/* no "Expect: 100-continue" round trip for larger bodies */
+	t->headers = curl_slist_append(t->headers, "Expect:");
+	if (token)
+	{
+		/* etcd wants the bare token, without "Bearer" */
+		line = psprintf("Authorization: %s", token);
+		t->headers = curl_slist_append(t->headers, line);
+		pfree(line);
+		t->header_token = strdup(token);
+	}
+	curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
+}
+
+/*
+ * TLS settings.  Peer and host name verification stay on (curl's default):
+ * nothing here can turn them off.
+ */
+static void
+transfer_tls(EtcdTransfer *t)
+{
+	curl_easy_setopt(t->easy, CURLOPT_CAINFO,
+					 etcd_lock_cacert[0] ? etcd_lock_cacert : NULL);
+	curl_easy_setopt(t->easy, CURLOPT_SSLCERT,
+					 etcd_lock_cert[0] ? etcd_lock_cert : NULL);
+	curl_easy_setopt(t->easy, CURLOPT_SSLKEY,
+					 etcd_lock_key[0] ? etcd_lock_key : NULL);
+	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYHOST, 2L);
 }
 
 void
@@ -270,6 +331,9 @@ etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
 
 	if (t->active)
 		etcd_transfer_stop(m, t);
+
+	transfer_headers(t, t->with_auth ? auth_token : NULL);
+	transfer_tls(t);
 
 	t->len = 0;
 	t->consumed = 0;
@@ -457,6 +521,7 @@ bool
 etcd_transfer_result(EtcdTransfer *t, EtcdResult *res)
 {
 	memset(res, 0, sizeof(EtcdResult));
+	res->curl_code = t->code;
 	if (t->code != CURLE_OK)
 	{
 		res->kind = t->too_big ? ETCD_RES_PROTOCOL : ETCD_RES_TRANSPORT;
@@ -504,10 +569,121 @@ run_unary(void)
 	PG_END_TRY();
 }
 
+/* Drop the cached token: settings changed, or etcd said it is invalid. */
+void
+etcd_auth_reset(void)
+{
+	free(auth_token);
+	auth_token = NULL;
+}
+
+/* One request to one endpoint, without the auth token when with_auth is off. */
+static bool
+request_once(int idx, const char *path, const char *body, bool with_auth,
+			 EtcdResult *res)
+{
+	char	   *url = psprintf("%s%s", endpoints[idx], path);
+	bool		ok;
+
+	unary->with_auth = with_auth;
+	etcd_transfer_start(backend_multi, unary, url, body, etcd_lock_request_timeout);
+	etcd_stat_add(requests, 1);
+	run_unary();
+	pfree(url);
+	ok = etcd_transfer_result(unary, res);
+	res->endpoint = endpoints[idx];
+	if (!ok)
+		etcd_stat_add(failures, 1);
+	return ok;
+}
+
+/*
+ * With etcd_lock.user set, get a token from endpoint idx unless we have one.
+ * An etcd without auth answers "authentication is not enabled": then we send
+ * no token at all, since such an etcd refuses any Authorization header.
+ */
+static bool
+authenticate(int idx, EtcdResult *res)
+{
+	cJSON	   *req;
+	char	   *body;
+	cJSON	   *token;
+	bool		ok;
+
+	if (etcd_lock_user[0] == '\0' || auth_token != NULL)
+		return true;
+	req = cJSON_CreateObject();
+	cJSON_AddStringToObject(req, "name", etcd_lock_user);
+	cJSON_AddStringToObject(req, "password", etcd_lock_password);
+	body = cJSON_PrintUnformatted(req);
+	ok = request_once(idx, "/v3/auth/authenticate", body, false, res);
+	/* the body holds the password: wipe it before freeing */
+	memset(body, 0, strlen(body));
+	pfree(body);
+	if (!ok)
+		return res->kind == ETCD_RES_ERROR && res->grpc_code == 9;
+	token = cJSON_GetObjectItemCaseSensitive(res->json, "token");
+	if (!cJSON_IsString(token))
+	{
+		res->kind = ETCD_RES_PROTOCOL;
+		res->error = pstrdup("etcd's authenticate answer has no token");
+		return false;
+	}
+	auth_token = strdup(token->valuestring);
+	return auth_token != NULL;
+}
+
+/*
+ * One request to endpoint idx, authenticating first if needed, and again
+ * once if etcd says the token is invalid (tokens expire when idle).
+ */
+static bool
+request_endpoint(int idx, const char *path, const char *body, EtcdResult *res)
+{
+	int			attempt;
+
+	for (attempt = 0; attempt < 2; attempt++)
+	{
+		if (!authenticate(idx, res))
+		{
+			res->auth_failed = true;
+			return false;
+		}
+		if (request_once(idx, path, body, true, res))
+			return true;
+		if (!(res->kind == ETCD_RES_ERROR && res->http_status == 401 &&
+			  etcd_lock_user[0] != '\0'))
+			return false;
+		etcd_auth_reset();
+	}
+	return false;
+}
+
+/* Whether another member could answer where this one did not. */
+static bool
+worth_failover(EtcdResult *res)
+{
+	if (res->auth_failed)
+		return res->kind != ETCD_RES_ERROR;
+	switch (res->kind)
+	{
+		case ETCD_RES_ERROR:
+			/* an answer from etcd itself would be the same from any member */
+			return res->http_status >= 500;
+		case ETCD_RES_TRANSPORT:
+			/* our own certificate files are the same for every member */
+			return res->curl_code != CURLE_SSL_CACERT_BADFILE &&
+				res->curl_code != CURLE_SSL_CERTPROBLEM;
+		default:
+			return true;
+	}
+}
+
 /*
  * Send one request, failing over to the next endpoint when one gives no
- * answer (or a 5xx one).  Interrupts are processed while waiting unless the
- * caller holds them off.  Returns false and fills res->error on failure.
+ * answer (or a 5xx one).  The member that answers is preferred afterwards.
+ * Interrupts are processed while waiting unless the caller holds them off.
+ * Returns false and fills res on failure.
  */
 bool
 etcd_request(const char *path, cJSON *req, EtcdResult *res)
@@ -521,30 +697,45 @@ etcd_request(const char *path, cJSON *req, EtcdResult *res)
 	for (i = 0; i < n; i++)
 	{
 		int			idx = (preferred_endpoint + i) % n;
-		char	   *url = psprintf("%s%s", endpoints[idx], path);
 
-		etcd_transfer_start(backend_multi, unary, url, body,
-							etcd_lock_request_timeout);
-		etcd_stat_add(requests, 1);
-		run_unary();
-		pfree(url);
-
-		if (etcd_transfer_result(unary, res))
+		if (request_endpoint(idx, path, body, res))
 		{
-			res->endpoint = endpoints[idx];
 			preferred_endpoint = idx;
 			pfree(body);
 			return true;
 		}
-		res->endpoint = endpoints[idx];
-		etcd_stat_add(failures, 1);
-
-		/* an answer from etcd itself would be the same from any member */
-		if (res->kind == ETCD_RES_ERROR && res->http_status < 500)
+		if (!worth_failover(res))
 			break;
 	}
 	pfree(body);
 	return false;
+}
+
+/* One request to one given endpoint, no failover: for health checks. */
+bool
+etcd_request_endpoint(int idx, const char *path, cJSON *req, EtcdResult *res)
+{
+	char	   *body = cJSON_PrintUnformatted(req);
+	bool		ok;
+
+	etcd_client_init();
+	(void) etcd_endpoint_count();
+	ok = request_endpoint(idx, path, body, res);
+	pfree(body);
+	return ok;
+}
+
+/* For the worker: make sure a token is cached before its keepalives. */
+void
+etcd_auth_ensure(void)
+{
+	EtcdResult	res;
+
+	etcd_client_init();
+	if (etcd_lock_user[0] == '\0' || auth_token != NULL)
+		return;
+	if (!authenticate(preferred_endpoint % etcd_endpoint_count(), &res))
+		etcd_report(LOG, "/v3/auth/authenticate", &res);
 }
 
 static int
@@ -574,43 +765,119 @@ grpc_sqlstate(EtcdResult *res)
 	return ERRCODE_SYSTEM_ERROR;
 }
 
+/* A transport failure, told in terms of our settings and the endpoint. */
+static void
+report_transport(int elevel, const char *path, EtcdResult *res, const char *ep)
+{
+	const char *tried = nendpoints > 1 ?
+		psprintf(" (the last of %d endpoints tried)", nendpoints) : "";
+
+	switch (res->curl_code)
+	{
+		case CURLE_SSL_CACERT_BADFILE:
+			ereport(elevel,
+					(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+					 errmsg("could not load the CA file \"%s\" set in etcd_lock.cacert",
+							etcd_lock_cacert),
+					 errdetail_internal("%s", res->error),
+					 errcontext("etcd request %s to %s", path, ep)));
+			break;
+		case CURLE_SSL_CERTPROBLEM:
+			if (etcd_lock_cert[0] && access(etcd_lock_cert, R_OK) != 0)
+				ereport(elevel,
+						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+						 errmsg("could not read the client certificate \"%s\" set in etcd_lock.cert: %m",
+								etcd_lock_cert),
+						 errcontext("etcd request %s to %s", path, ep)));
+			else if (etcd_lock_key[0] && access(etcd_lock_key, R_OK) != 0)
+				ereport(elevel,
+						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+						 errmsg("could not read the client key \"%s\" set in etcd_lock.key: %m",
+								etcd_lock_key),
+						 errcontext("etcd request %s to %s", path, ep)));
+			else
+				ereport(elevel,
+						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+						 errmsg("could not use the client certificate \"%s\" and key \"%s\"",
+								etcd_lock_cert, etcd_lock_key),
+						 errdetail_internal("%s", res->error),
+						 errcontext("etcd request %s to %s", path, ep)));
+			break;
+		case CURLE_PEER_FAILED_VERIFICATION:
+			ereport(elevel,
+					(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+					 errmsg("could not verify the TLS certificate of etcd at %s%s", ep, tried),
+					 errdetail_internal("%s", res->error),
+					 errhint("The server certificate must be signed by the CA in etcd_lock.cacert (%s) and name the endpoint's host.",
+							 etcd_lock_cacert[0] ? etcd_lock_cacert : "the system CAs when empty"),
+					 errcontext("etcd request %s to %s", path, ep)));
+			break;
+		case CURLE_SSL_CONNECT_ERROR:
+		case CURLE_SEND_ERROR:
+		case CURLE_RECV_ERROR:
+			ereport(elevel,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("connection to etcd at %s failed%s", ep, tried),
+					 errdetail_internal("%s", res->error),
+					 strncmp(ep, "https://", 8) == 0 ?
+					 errhint("etcd may have refused the client certificate (etcd_lock.cert = \"%s\").",
+							 etcd_lock_cert) : 0,
+					 errcontext("etcd request %s to %s", path, ep)));
+			break;
+		case CURLE_GOT_NOTHING:
+			ereport(elevel,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("etcd at %s closed the connection without answering%s", ep, tried),
+					 errdetail_internal("%s", res->error),
+					 errhint("An http:// endpoint that points at a TLS port does this."),
+					 errcontext("etcd request %s to %s", path, ep)));
+			break;
+		case CURLE_OPERATION_TIMEDOUT:
+			ereport(elevel,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("etcd at %s did not answer within etcd_lock.request_timeout (%d ms)%s",
+							ep, etcd_lock_request_timeout, tried),
+					 errdetail_internal("%s", res->error),
+					 errcontext("etcd request %s to %s", path, ep)));
+			break;
+		default:
+			ereport(elevel,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("could not reach etcd at %s%s", ep, tried),
+					 errdetail_internal("%s", res->error),
+					 errcontext("etcd request %s to %s", path, ep)));
+			break;
+	}
+}
+
 /* Report a failed request at elevel, etcd's own text in DETAIL. */
 void
 etcd_report(int elevel, const char *path, EtcdResult *res)
 {
 	const char *ep = res->endpoint ? res->endpoint : "(none)";
 
-	switch (res->kind)
-	{
-		case ETCD_RES_TRANSPORT:
-			if (nendpoints > 1)
-				ereport(elevel,
-						(errcode(ERRCODE_CONNECTION_FAILURE),
-						 errmsg("could not reach any of the %d etcd endpoints", nendpoints),
-						 errdetail_internal("Last error, from %s: %s", ep, res->error),
-						 errcontext("etcd request %s", path)));
-			else
-				ereport(elevel,
-						(errcode(ERRCODE_CONNECTION_FAILURE),
-						 errmsg("could not reach etcd at %s", ep),
-						 errdetail_internal("%s", res->error),
-						 errcontext("etcd request %s", path)));
-			break;
-		case ETCD_RES_PROTOCOL:
-			ereport(elevel,
-					(errcode(ERRCODE_PROTOCOL_VIOLATION),
-					 errmsg("invalid response from etcd at %s", ep),
-					 errdetail_internal("%s", res->error),
-					 errcontext("etcd request %s", path)));
-			break;
-		default:
-			ereport(elevel,
-					(errcode(grpc_sqlstate(res)),
-					 errmsg("etcd at %s rejected the request", ep),
-					 errdetail_internal("%s", res->error),
-					 errcontext("etcd request %s", path)));
-			break;
-	}
+	if (res->kind == ETCD_RES_TRANSPORT)
+		report_transport(elevel, path, res, ep);
+	else if (res->kind == ETCD_RES_PROTOCOL)
+		ereport(elevel,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("invalid response from etcd at %s", ep),
+				 errdetail_internal("%s", res->error),
+				 errcontext("etcd request %s", path)));
+	else if (res->auth_failed)
+		ereport(elevel,
+				(errcode(res->http_status >= 500 ? ERRCODE_CONNECTION_FAILURE :
+						 ERRCODE_INVALID_PASSWORD),
+				 errmsg("etcd authentication failed for user \"%s\"", etcd_lock_user),
+				 errdetail_internal("%s", res->error),
+				 errhint("Check etcd_lock.user and etcd_lock.password."),
+				 errcontext("etcd request %s to %s", "/v3/auth/authenticate", ep)));
+	else
+		ereport(elevel,
+				(errcode(grpc_sqlstate(res)),
+				 errmsg("etcd at %s rejected the request", ep),
+				 errdetail_internal("%s", res->error),
+				 errcontext("etcd request %s", path)));
 }
 
 /* etcd_request() that raises an ERROR on failure and returns the body. */
@@ -649,6 +916,8 @@ etcd_watch_start(const char *key, int64 start_revision)
 	/* no total timeout: the stream lasts as long as the wait */
 	etcd_transfer_start(backend_multi, watch, url, body, 0L);
 	etcd_stat_add(requests, 1);
+	watch_started = GetCurrentTimestamp();
+	watch_created = false;
 	pfree(url);
 	pfree(body);
 	return true;
@@ -685,6 +954,8 @@ watch_scan(void)
 		/* a canceled watch (compaction) stays open: treat as the end */
 		if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "canceled")))
 			return ETCD_WATCH_ENDED;
+		if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "created")))
+			watch_created = true;
 		cJSON_ArrayForEach(ev, cJSON_GetObjectItemCaseSensitive(result, "events"))
 		{
 			cJSON	   *type = cJSON_GetObjectItemCaseSensitive(ev, "type");
@@ -699,10 +970,30 @@ watch_scan(void)
 	return 0;
 }
 
+/* The watch failed: pause briefly, interruptibly, and try another member. */
+static int
+watch_failed(void)
+{
+	TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 100);
+	long		ms;
+
+	etcd_stat_add(failures, 1);
+	etcd_transfer_stop(backend_multi, watch);
+	preferred_endpoint = (preferred_endpoint + 1) % etcd_endpoint_count();
+	while ((ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until)) > 0)
+	{
+		etcd_multi_wait(backend_multi, ms);
+		CHECK_FOR_INTERRUPTS();
+	}
+	return ETCD_WATCH_ENDED;
+}
+
 /*
  * Wait for the watched key's deletion, the end of the stream, a latch
- * wakeup, or the deadline (0: none).  Interrupts raise an ERROR; the caller
- * stops the watch in its error path.
+ * wakeup, or the deadline (0: none).  ENDED also comes every
+ * WATCH_RECHECK_MS, and when etcd has not confirmed the watch within
+ * etcd_lock.request_timeout.  Interrupts raise an ERROR; the caller stops
+ * the watch in its error path.
  */
 int
 etcd_watch_wait(TimestampTz deadline)
@@ -710,22 +1001,32 @@ etcd_watch_wait(TimestampTz deadline)
 	for (;;)
 	{
 		int			r = watch_scan();
-		long		wait_ms = -1;
+		TimestampTz now = GetCurrentTimestamp();
+		TimestampTz until;
+		long		wait_ms;
 
 		if (r != 0)
 			return r;
 		if (watch->done)
 		{
 			if (watch->code != CURLE_OK)
-				etcd_stat_add(failures, 1);
+				return watch_failed();
 			return ETCD_WATCH_ENDED;
 		}
-		if (deadline != 0)
-		{
-			wait_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
-			if (wait_ms <= 0)
-				return ETCD_WATCH_TIMEOUT;
-		}
+		if (!watch_created &&
+			now >= TimestampTzPlusMilliseconds(watch_started, etcd_lock_request_timeout))
+			return watch_failed();
+		if (deadline != 0 && now >= deadline)
+			return ETCD_WATCH_TIMEOUT;
+		if (now >= TimestampTzPlusMilliseconds(watch_started, WATCH_RECHECK_MS))
+			return ETCD_WATCH_ENDED;
+
+		until = TimestampTzPlusMilliseconds(watch_started,
+											watch_created ? WATCH_RECHECK_MS :
+											etcd_lock_request_timeout);
+		if (deadline != 0 && deadline < until)
+			until = deadline;
+		wait_ms = Max(1, TimestampDifferenceMilliseconds(now, until));
 		if (etcd_multi_wait(backend_multi, wait_ms))
 		{
 			CHECK_FOR_INTERRUPTS();

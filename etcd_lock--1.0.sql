@@ -79,5 +79,21 @@ LANGUAGE C VOLATILE PARALLEL RESTRICTED;
 
 CREATE VIEW etcd_locks AS SELECT * FROM etcd_locks();
 
+-- The SQL twin of `etcdctl endpoint health`: one status request per endpoint.
+CREATE FUNCTION etcd_endpoint_health(
+    OUT endpoint text,
+    OUT healthy boolean,
+    OUT took interval,
+    OUT is_leader boolean,
+    OUT version text,
+    OUT error text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'etcd_endpoint_health'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED;
+
+-- It sends requests to etcd: for monitoring roles, not for everyone.
+REVOKE ALL ON FUNCTION etcd_endpoint_health() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION etcd_endpoint_health() TO pg_monitor;
+
 -- Like pg_locks, these views are for everyone to read.
 GRANT SELECT ON etcd_lock_stats, etcd_locks TO PUBLIC;

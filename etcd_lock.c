@@ -35,6 +35,11 @@ int			etcd_lock_max_locks = 1024;
 char	   *etcd_lock_prefix = NULL;
 int			etcd_lock_default_ttl = 30;
 bool		etcd_lock_commit_check = true;
+char	   *etcd_lock_cacert = NULL;
+char	   *etcd_lock_cert = NULL;
+char	   *etcd_lock_key = NULL;
+char	   *etcd_lock_user = NULL;
+char	   *etcd_lock_password = NULL;
 
 /* whether we were loaded through shared_preload_libraries */
 bool		etcd_lock_loaded = false;
@@ -111,6 +116,13 @@ check_prefix(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/* new credentials: authenticate again at the next request */
+static void
+assign_auth(const char *newval, void *extra)
+{
+	etcd_auth_reset();
+}
+
 static void
 etcd_lock_shmem_request(void)
 {
@@ -185,6 +197,46 @@ _PG_init(void)
 							30, 1, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("etcd_lock.cacert",
+							   "CA file that https:// endpoints' certificates are verified against.",
+							   "Empty means the system's CAs. Verification cannot be turned off.",
+							   &etcd_lock_cacert,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("etcd_lock.cert",
+							   "Client certificate file presented to etcd (mTLS).",
+							   NULL,
+							   &etcd_lock_cert,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("etcd_lock.key",
+							   "Private key file of etcd_lock.cert.",
+							   NULL,
+							   &etcd_lock_key,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("etcd_lock.user",
+							   "etcd user to authenticate as; empty sends no credentials.",
+							   NULL,
+							   &etcd_lock_user,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, assign_auth, NULL);
+
+	DefineCustomStringVariable("etcd_lock.password",
+							   "Password of etcd_lock.user.",
+							   NULL,
+							   &etcd_lock_password,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, assign_auth, NULL);
 
 	DefineCustomBoolVariable("etcd_lock.commit_check",
 							 "Confirms with etcd before COMMIT that every transaction lock is still held.",
@@ -408,6 +460,7 @@ etcd_lock_fencing_token(PG_FUNCTION_ARGS)
 
 PG_FUNCTION_INFO_V1(etcd_lock_stats);
 PG_FUNCTION_INFO_V1(etcd_lock_list);
+PG_FUNCTION_INFO_V1(etcd_endpoint_health);
 
 /* etcd_lock_stats(): one row of server-wide counters */
 Datum
@@ -446,6 +499,63 @@ etcd_lock_stats(PG_FUNCTION_ARGS)
 	values[7] = Int32GetDatum(leases);
 	values[8] = Int32GetDatum(locks);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * etcd_endpoint_health(): one row per endpoint, like `etcdctl endpoint
+ * health`.  Each endpoint gets one status request of its own.
+ */
+Datum
+etcd_endpoint_health(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	int			n;
+	int			i;
+
+	InitMaterializedSRF(fcinfo, 0);
+	n = etcd_endpoint_count();
+	for (i = 0; i < n; i++)
+	{
+		Datum		values[6];
+		bool		nulls[6] = {0};
+		EtcdResult	res;
+		TimestampTz start = GetCurrentTimestamp();
+		Interval   *took = palloc0(sizeof(Interval));
+		bool		ok;
+
+		ok = etcd_request_endpoint(i, "/v3/maintenance/status", cJSON_CreateObject(), &res);
+		took->time = GetCurrentTimestamp() - start;
+
+		values[0] = CStringGetTextDatum(etcd_endpoint(i));
+		values[2] = IntervalPGetDatum(took);
+		if (ok)
+		{
+			cJSON	   *version = cJSON_GetObjectItemCaseSensitive(res.json, "version");
+			int64		leader = etcd_json_int64(res.json, "leader");
+			int64		member = etcd_json_int64(cJSON_GetObjectItemCaseSensitive(res.json, "header"),
+												 "member_id");
+
+			/* a member without a leader cannot serve linearizable requests */
+			values[1] = BoolGetDatum(leader != 0);
+			values[3] = BoolGetDatum(leader != 0 && leader == member);
+			if (cJSON_IsString(version))
+				values[4] = CStringGetTextDatum(version->valuestring);
+			else
+				nulls[4] = true;
+			if (leader != 0)
+				nulls[5] = true;
+			else
+				values[5] = CStringGetTextDatum("no leader");
+		}
+		else
+		{
+			values[1] = BoolGetDatum(false);
+			nulls[3] = nulls[4] = true;
+			values[5] = CStringGetTextDatum(res.error ? res.error : "unknown error");
+		}
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }
 
 /* etcd_locks(): every lock held or waited for on this server */

@@ -38,6 +38,11 @@ extern int	etcd_lock_max_locks;
 extern char *etcd_lock_prefix;
 extern int	etcd_lock_default_ttl;
 extern bool etcd_lock_commit_check;
+extern char *etcd_lock_cacert;
+extern char *etcd_lock_cert;
+extern char *etcd_lock_key;
+extern char *etcd_lock_user;
+extern char *etcd_lock_password;
 extern bool etcd_lock_loaded;
 
 /* in client.c */
@@ -59,6 +64,8 @@ typedef struct EtcdResult
 	cJSON	   *json;			/* parsed body, or NULL */
 	char	   *error;			/* etcd's message or the transport error */
 	char	   *endpoint;		/* endpoint that gave the last answer */
+	int			curl_code;		/* curl's CURLcode, for transport errors */
+	bool		auth_failed;	/* authenticating, not the request, failed */
 } EtcdResult;
 
 /* How one transfer ended, as seen by the multi driver. */
@@ -70,6 +77,10 @@ extern void etcd_endpoints_changed(void);
 extern int	etcd_endpoint_count(void);
 extern const char *etcd_endpoint(int i);
 extern bool etcd_request(const char *path, cJSON *req, EtcdResult *res);
+extern bool etcd_request_endpoint(int idx, const char *path, cJSON *req,
+								  EtcdResult *res);
+extern void etcd_auth_reset(void);
+extern void etcd_auth_ensure(void);
 extern cJSON *etcd_call(const char *path, cJSON *req);
 extern void etcd_report(int elevel, const char *path, EtcdResult *res);
 extern bool etcd_watch_start(const char *key, int64 start_revision);

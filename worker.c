@@ -80,6 +80,8 @@ finish_keepalive(int i)
 	else
 	{
 		etcd_stat_add(failures, 1);
+		if (res.http_status == 401)
+			etcd_auth_reset();	/* expired token: authenticate again */
 		/* the next request goes to the next member */
 		preferred = (preferred + 1) % etcd_endpoint_count();
 		elog(DEBUG1, "etcd_lock: keepalive of lease %llx failed: %s",
@@ -148,6 +150,8 @@ start_due_keepalives(void)
 	}
 	LWLockRelease(etcd_shared->lock);
 
+	if (ndue > 0)
+		etcd_auth_ensure();
 	for (i = 0; i < ndue; i++)
 	{
 		KeepaliveState *k = &ka[due[i]];

@@ -872,6 +872,14 @@ etcd_report(int elevel, const char *path, EtcdResult *res)
 				 errdetail_internal("%s", res->error),
 				 errhint("Check etcd_lock.user and etcd_lock.password."),
 				 errcontext("etcd request %s to %s", "/v3/auth/authenticate", ep)));
+	else if (etcd_lock_user[0] == '\0' && res->error &&
+			 strstr(res->error, "user name is empty") != NULL)
+		ereport(elevel,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg("etcd at %s requires authentication", ep),
+				 errdetail_internal("%s", res->error),
+				 errhint("Set etcd_lock.user and etcd_lock.password."),
+				 errcontext("etcd request %s", path)));
 	else
 		ereport(elevel,
 				(errcode(grpc_sqlstate(res)),

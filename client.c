@@ -170,7 +170,9 @@ etcd_endpoint_count(void)
 const char *
 etcd_endpoint(int i)
 {
-	return endpoints[i % etcd_endpoint_count()];
+	int			n = etcd_endpoint_count();	/* parses endpoints[] first */
+
+	return endpoints[i % n];
 }
 
 /* ----------------------------------------------------------------

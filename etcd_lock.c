@@ -174,13 +174,15 @@ _PG_init(void)
 							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
-	DefineCustomIntVariable("etcd_lock.max_locks",
-							"Maximum number of etcd locks, and of leases, on this server.",
-							NULL,
-							&etcd_lock_max_locks,
-							1024, 16, 1000000,
-							PGC_POSTMASTER, 0,
-							NULL, NULL, NULL);
+	/* a PGC_POSTMASTER setting can only be defined while preloading */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomIntVariable("etcd_lock.max_locks",
+								"Maximum number of etcd locks, and of leases, on this server.",
+								NULL,
+								&etcd_lock_max_locks,
+								1024, 16, 1000000,
+								PGC_POSTMASTER, 0,
+								NULL, NULL, NULL);
 
 	DefineCustomStringVariable("etcd_lock.prefix",
 							   "Namespace prepended to every lock name in etcd.",

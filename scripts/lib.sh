@@ -12,11 +12,15 @@ install_packages() {
     mkdir -p /etc/postgresql-common/createcluster.d
     echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/etcd_lock.conf
     export DEBIAN_FRONTEND=noninteractive
+    local extra=()
+    # the JDBC test compiles a small client; bring a JDK only where none is
+    command -v javac >/dev/null || extra+=(default-jdk-headless)
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
         make gcc libc6-dev postgresql-15 postgresql-server-dev-15 postgresql-client-15 \
-        libcurl4-openssl-dev libcjson-dev etcd-server etcd-client curl \
-        libipc-run-perl openssl ca-certificates "$@" >/dev/null
+        libcurl4-openssl-dev libcjson-dev etcd-server etcd-client \
+        curl libipc-run-perl openssl ca-certificates rsync libpostgresql-jdbc-java \
+        "${extra[@]}" "$@" >/dev/null
     # a systemd machine would start the packaged etcd on port 2379
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
         systemctl disable --now etcd >/dev/null 2>&1 || true

@@ -210,6 +210,7 @@ extern int	etcd_lock_slot_add(const char *name, const char *handle, int lease_sl
 extern void etcd_lock_slot_update(int slot, EtcdLockState state, int session_count,
 								  int xact_count, int64 token);
 extern void etcd_lock_slot_remove(int slot);
+extern void etcd_shmem_forget_backend(void);
 extern void etcd_wake_worker(void);
 
 #define etcd_stat_add(field, n) \

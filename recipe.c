@@ -323,7 +323,8 @@ etcd_recipe_verify(const char **keys, const int64 *revs, int n)
 /*
  * One lease per TTL in use.  A lease outlives its last lock, so that the next
  * lock costs no grant; it is revoked when the session ends, by
- * etcd_unlock_all(), or when a failed acquisition leaves it unused.
+ * etcd_unlock_all(), or when an acquisition that did not end in a lock
+ * (error, cancel, or a try that ran out) leaves it unused.
  */
 typedef struct LocalLease
 {
@@ -656,18 +657,18 @@ etcd_lock_check_doomed(void)
 }
 
 /*
- * Give up a wait: delete the waiter key, or, after an error, revoke the lease
- * when nothing else uses it, so no lease is renewed for an abandoned wait.
- * Never throws: it runs in error paths.
+ * Give up a wait: revoke the lease when nothing else uses it, so that no
+ * lease is renewed for an abandoned wait (that deletes the waiter key too),
+ * or else delete the waiter key.  Never throws: it runs in error paths.
  */
 static void
-abandon_wait(int lease_i, const char *mykey, int slot, bool after_error)
+abandon_wait(int lease_i, const char *mykey, int slot)
 {
 	LocalLease *lease = &leases[lease_i];
 
 	etcd_lock_slot_remove(slot);
 	lease->nlocks--;
-	if (after_error && lease->nlocks == 0)
+	if (lease->nlocks == 0)
 	{
 		int64		id = lease->id;
 
@@ -770,14 +771,14 @@ enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
 		if (LockTimeout > 0)
 			disable_timeout(LOCK_TIMEOUT, true);
 		etcd_watch_stop();
-		abandon_wait(lease_i, handle, slot, true);
+		abandon_wait(lease_i, handle, slot);
 		RESUME_INTERRUPTS();
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
 
 	if (status == ETCD_RECIPE_WAIT)
-		abandon_wait(lease_i, handle, slot, false);
+		abandon_wait(lease_i, handle, slot);
 	return status;
 }
 
@@ -1203,9 +1204,10 @@ etcd_lock_exit(int code, Datum arg)
 	{
 		if (!lock->lost)
 			etcd_stat_add(released, 1);
-		etcd_lock_slot_remove(lock->slot);
 		hash_search(local_locks, lock->etcd_name, HASH_REMOVE, NULL);
 	}
+	/* also the slot of a wait that a FATAL interrupted */
+	etcd_shmem_forget_backend();
 	xact_locks = 0;
 	npending = 0;
 	RESUME_INTERRUPTS();

@@ -238,3 +238,22 @@ etcd_lease_slot_set_lost(int slot, int64 lease_id)
 	LWLockRelease(etcd_shared->lock);
 	etcd_stat_add(lost, n);
 }
+
+/* A backend is leaving: free every slot it had, whatever state it was in. */
+void
+etcd_shmem_forget_backend(void)
+{
+	int			i;
+
+	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+	for (i = 0; i < etcd_lock_max_locks; i++)
+	{
+		if (etcd_shared->leases[i].lease_id != 0 &&
+			etcd_shared->leases[i].pid == MyProcPid)
+			etcd_shared->leases[i].lease_id = 0;
+		if (etcd_shared->locks[i].state != ETCD_LOCK_FREE &&
+			etcd_shared->locks[i].pid == MyProcPid)
+			etcd_shared->locks[i].state = ETCD_LOCK_FREE;
+	}
+	LWLockRelease(etcd_shared->lock);
+}

@@ -42,6 +42,9 @@ struct EtcdMulti
 	int			nsocks;
 	curl_socket_t socks[ETCD_MAX_SOCKETS];
 	int			what[ETCD_MAX_SOCKETS];
+	/* latch, postmaster and sockets; rebuilt only when the sockets change */
+	WaitEventSet *set;
+	bool		set_stale;
 };
 
 /*
@@ -197,6 +200,7 @@ multi_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socket
 			m->nsocks--;
 			m->socks[i] = m->socks[m->nsocks];
 			m->what[i] = m->what[m->nsocks];
+			m->set_stale = true;
 		}
 		return 0;
 	}
@@ -205,7 +209,10 @@ multi_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socket
 		if (m->nsocks >= ETCD_MAX_SOCKETS)
 			return -1;			/* curl fails the transfer; never reached */
 		m->socks[m->nsocks++] = s;
+		m->set_stale = true;
 	}
+	else if (m->what[i] != what)
+		m->set_stale = true;
 	m->what[i] = what;
 	return 0;
 }
@@ -398,32 +405,46 @@ etcd_multi_wait(EtcdMulti *m, long max_wait_ms)
 
 	if (timeout != 0)
 	{
-		WaitEventSet *set = CreateWaitEventSet(CurrentMemoryContext, m->nsocks + 2);
-
-		PG_TRY();
+		/*
+		 * A kept-alive connection keeps its socket, so the set usually
+		 * survives from one request to the next: no epoll set per request.
+		 */
+		if (m->set == NULL || m->set_stale)
 		{
-			AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-			AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
-			for (i = 0; i < m->nsocks; i++)
+			WaitEventSet *set;
+
+			if (m->set)
+				FreeWaitEventSet(m->set);
+			m->set = NULL;
+			set = CreateWaitEventSet(TopMemoryContext, m->nsocks + 2);
+			PG_TRY();
 			{
-				uint32		ev = 0;
+				AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+				AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+				for (i = 0; i < m->nsocks; i++)
+				{
+					uint32		ev = 0;
 
-				if (m->what[i] & CURL_POLL_IN)
-					ev |= WL_SOCKET_READABLE;
-				if (m->what[i] & CURL_POLL_OUT)
-					ev |= WL_SOCKET_WRITEABLE;
-				if (ev)
-					AddWaitEventToSet(set, ev, m->socks[i], NULL, NULL);
+					if (m->what[i] & CURL_POLL_IN)
+						ev |= WL_SOCKET_READABLE;
+					if (m->what[i] & CURL_POLL_OUT)
+						ev |= WL_SOCKET_WRITEABLE;
+					if (ev)
+						AddWaitEventToSet(set, ev, m->socks[i], NULL, NULL);
+				}
 			}
-			nevents = WaitEventSetWait(set, timeout, events, lengthof(events),
-									   PG_WAIT_EXTENSION);
+			PG_CATCH();
+			{
+				/* PostgreSQL 15 does not track wait event sets in resource owners */
+				FreeWaitEventSet(set);
+				PG_RE_THROW();
+			}
+			PG_END_TRY();
+			m->set = set;
+			m->set_stale = false;
 		}
-		PG_FINALLY();
-		{
-			/* PostgreSQL 15 does not track wait event sets in resource owners */
-			FreeWaitEventSet(set);
-		}
-		PG_END_TRY();
+		nevents = WaitEventSetWait(m->set, timeout, events, lengthof(events),
+								   PG_WAIT_EXTENSION);
 	}
 
 	for (i = 0; i < nevents; i++)

@@ -484,7 +484,8 @@ etcd_lock_stats(PG_FUNCTION_ARGS)
 	LWLockAcquire(etcd_shared->lock, LW_SHARED);
 	for (i = 0; i < etcd_lock_max_locks; i++)
 	{
-		if (etcd_shared->leases[i].lease_id > 0)
+		/* leases being renewed; not those the worker is revoking */
+		if (etcd_shared->leases[i].lease_id > 0 && !etcd_shared->leases[i].revoke)
 			leases++;
 		if (etcd_shared->locks[i].state != ETCD_LOCK_FREE)
 			locks++;

@@ -159,6 +159,8 @@ typedef struct EtcdLeaseSlot
 	bool		lost;			/* etcd no longer has it */
 	TimestampTz next_keepalive; /* written by the worker only, after start */
 	TimestampTz last_renewed;
+	bool		revoke;			/* handed to the worker to revoke */
+	TimestampTz revoke_until;	/* give up then: etcd has expired it */
 } EtcdLeaseSlot;
 
 typedef enum EtcdLockState
@@ -204,6 +206,7 @@ extern void etcd_lease_slot_fill(int slot, int64 lease_id, int ttl);
 extern void etcd_lease_slot_release(int slot);
 extern bool etcd_lease_slot_lost(int slot, int64 lease_id);
 extern void etcd_lease_slot_set_lost(int slot, int64 lease_id);
+extern void etcd_lease_slot_hand_over(int slot, int64 lease_id);
 extern int	etcd_locks_on_lease(int64 lease_id);
 extern int	etcd_lock_slot_add(const char *name, const char *handle, int lease_slot,
 							   int64 lease_id, int ttl, bool xact);

@@ -406,6 +406,25 @@ lease_forget(int i)
 	leases[i].id = 0;
 }
 
+/*
+ * Revoke a lease we no longer need, and forget it.  If etcd does not answer,
+ * the worker takes the revoke over and retries it: a request that timed out
+ * may still be applied when etcd recovers, and the key it creates must not
+ * stay until the lease expires.  Never throws.
+ */
+static void
+lease_drop(int i)
+{
+	int64		id = leases[i].id;
+	int			slot = leases[i].slot;
+
+	leases[i].id = 0;
+	if (etcd_lease_revoke(id, WARNING))
+		etcd_lease_slot_release(slot);
+	else
+		etcd_lease_slot_hand_over(slot, id);
+}
+
 /* This backend's lease for ttl, granted now if there is none. */
 static int
 lease_for_ttl(int ttl)
@@ -669,12 +688,7 @@ abandon_wait(int lease_i, const char *mykey, int slot)
 	etcd_lock_slot_remove(slot);
 	lease->nlocks--;
 	if (lease->nlocks == 0)
-	{
-		int64		id = lease->id;
-
-		lease_forget(lease_i);
-		etcd_lease_revoke(id, WARNING);
-	}
+		lease_drop(lease_i);
 	else if (!etcd_key_delete(mykey, WARNING))
 		defer_release(lease_i, mykey, 0);
 }
@@ -1195,9 +1209,10 @@ etcd_lock_exit(int code, Datum arg)
 	{
 		if (leases[i].id == 0)
 			continue;
-		if (!leases[i].lost)
-			etcd_lease_revoke(leases[i].id, WARNING);
-		lease_forget(i);
+		if (leases[i].lost)
+			lease_forget(i);
+		else
+			lease_drop(i);
 	}
 	hash_seq_init(&seq, local_locks);
 	while ((lock = hash_seq_search(&seq)) != NULL)

@@ -123,6 +123,7 @@ etcd_lease_slot_fill(int slot, int64 lease_id, int ttl)
 
 	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
 	s->ttl = ttl;
+	s->revoke = false;
 	s->last_renewed = now;
 	s->next_keepalive = TimestampTzPlusMilliseconds(now, ttl * 1000L / 3);
 	s->lease_id = lease_id;
@@ -237,6 +238,29 @@ etcd_lease_slot_set_lost(int slot, int64 lease_id)
 	}
 	LWLockRelease(etcd_shared->lock);
 	etcd_stat_add(lost, n);
+}
+
+/*
+ * The owner could not revoke this lease: the worker revokes it instead,
+ * retrying until etcd would have expired the lease anyway.
+ */
+void
+etcd_lease_slot_hand_over(int slot, int64 lease_id)
+{
+	EtcdLeaseSlot *s = &etcd_shared->leases[slot];
+	TimestampTz now = GetCurrentTimestamp();
+
+	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+	if (s->lease_id == lease_id)
+	{
+		s->pid = 0;				/* no longer the backend's */
+		s->owner_latch = NULL;
+		s->revoke = true;
+		s->next_keepalive = now;
+		s->revoke_until = TimestampTzPlusMilliseconds(now, Max(10, 2 * s->ttl) * 1000L);
+	}
+	LWLockRelease(etcd_shared->lock);
+	etcd_wake_worker();
 }
 
 /* A backend is leaving: free every slot it had, whatever state it was in. */

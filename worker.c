@@ -6,7 +6,8 @@
  *
  * Keepalives run in parallel on one curl multi handle, each bounded by
  * etcd_lock.request_timeout, so one slow or hanging request never holds up
- * the others.
+ * the others.  The worker also finishes the revokes that backends could not
+ * get through to etcd.
  *
  * IDENTIFICATION
  *		  worker.c
@@ -36,6 +37,7 @@ typedef struct KeepaliveState
 	int64		lease_id;		/* lease of the request in flight */
 	EtcdTransfer *transfer;		/* created on first use, then reused */
 	bool		in_flight;
+	bool		revoking;		/* the request is a revoke, not a keepalive */
 } KeepaliveState;
 
 static KeepaliveState *ka;
@@ -89,7 +91,16 @@ finish_keepalive(int i)
 	}
 
 	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
-	if (s->lease_id == k->lease_id)
+	if (s->lease_id == k->lease_id && k->revoking)
+	{
+		/* done when revoked, already gone, or surely expired by now */
+		if (ok || (res.kind == ETCD_RES_ERROR && res.grpc_code == 5) ||
+			now >= s->revoke_until)
+			s->lease_id = 0;
+		else
+			s->next_keepalive = TimestampTzPlusMilliseconds(now, 500);
+	}
+	else if (s->lease_id == k->lease_id)
 	{
 		if (ok && ttl > 0)
 		{
@@ -130,6 +141,7 @@ start_due_keepalives(void)
 	TimestampTz next = TimestampTzPlusMilliseconds(now, 10000);
 	int			due[MAX_IN_FLIGHT];
 	int64		ids[MAX_IN_FLIGHT];
+	bool		revoke[MAX_IN_FLIGHT];
 	int			ndue = 0;
 	int			i;
 
@@ -143,6 +155,7 @@ start_due_keepalives(void)
 		if (s->next_keepalive <= now && in_flight + ndue < MAX_IN_FLIGHT)
 		{
 			due[ndue] = i;
+			revoke[ndue] = s->revoke;
 			ids[ndue++] = s->lease_id;
 		}
 		else if (s->next_keepalive < next)
@@ -161,13 +174,16 @@ start_due_keepalives(void)
 		if (k->transfer == NULL)
 			k->transfer = etcd_transfer_create();
 		snprintf(body, sizeof(body), "{\"ID\":\"" INT64_FORMAT "\"}", ids[i]);
-		url = psprintf("%s/v3/lease/keepalive", etcd_endpoint(preferred));
+		url = psprintf("%s/v3/lease/%s", etcd_endpoint(preferred),
+					   revoke[i] ? "revoke" : "keepalive");
 		etcd_transfer_start(multi, k->transfer, url, body, etcd_lock_request_timeout);
 		k->lease_id = ids[i];
 		k->in_flight = true;
+		k->revoking = revoke[i];
 		in_flight++;
 		etcd_stat_add(requests, 1);
-		etcd_stat_add(keepalives, 1);
+		if (!revoke[i])
+			etcd_stat_add(keepalives, 1);
 	}
 
 	/* at the cap, look again as soon as a place frees up */

@@ -66,12 +66,21 @@ sub finish_statement
 	return ($done, $out, $err);
 }
 
+# Poll (bounded: a timeout case only waits a few seconds) until the session
+# shows up as waiting in etcd_locks.
 sub wait_for_waiter
 {
 	my ($pid, $what) = @_;
-	ok( $node->poll_query_until('postgres',
-			qq{SELECT count(*) = 1 FROM etcd_locks WHERE pid = $pid AND state = 'waiting'}),
-		"$what: session B is waiting");
+	my $end = time + $PROMPT;
+	my $seen;
+	while (1)
+	{
+		$seen = $node->safe_psql('postgres',
+			qq{SELECT count(*) FROM etcd_locks WHERE pid = $pid AND state = 'waiting'});
+		last if $seen eq '1' || time > $end;
+		usleep(50_000);
+	}
+	is($seen, '1', "$what: session B is waiting");
 	return;
 }
 
@@ -104,8 +113,9 @@ sub diag_leases
 	return;
 }
 
-# What must hold after B's wait ended: nothing of B left anywhere, and B can
-# still lock.  $b_other: a key of B's that must survive (same lease).
+# What must hold after B's wait ended: nothing of B's wait left anywhere, and
+# B can still lock.  b_keys / b_leases: keys and leases of B's that must
+# survive (a lock B held before it waited).
 sub check_clean
 {
 	my ($what, %opt) = @_;

@@ -34,6 +34,24 @@ sub lease_of
 	return $lease;
 }
 
+# A process's state from /proc (Linux): 'T' once every one of its threads
+# has stopped, else the state letter of a thread that has not.
+sub proc_state
+{
+	my ($pid) = @_;
+	my @tasks = glob("/proc/$pid/task/*");
+	return '?' unless @tasks;
+	for my $task (@tasks)
+	{
+		open(my $fh, '<', "$task/stat") or return '?';
+		my $line = <$fh>;
+		close $fh;
+		my ($state) = $line =~ /^\d+ \(.*\) (\S)/;
+		return $state // '?' unless ($state // '') eq 'T';
+	}
+	return 'T';
+}
+
 sub stat_value
 {
 	my ($col) = @_;
@@ -84,7 +102,6 @@ my $h = $node->background_psql('postgres');
 my $h_pid = $h->query_safe('SELECT pg_backend_pid()');
 my $s = $node->background_psql('postgres', on_error_stop => 0);
 $s->query_safe('\set VERBOSITY verbose');
-my $s_pid = $s->query_safe('SELECT pg_backend_pid()');
 
 # S has used etcd before, so it has a lease that it reuses
 is($s->query_safe(q{SELECT etcd_unlock(etcd_lock('warm-up'))}), 't', 'S locks and unlocks');
@@ -172,9 +189,16 @@ for my $sig ('KILL', 'TERM')
 	my $leases0 = stat_value('leases');
 	my $failures0 = stat_value('failures');
 
+	# SIGSTOP takes effect asynchronously: wait until etcd is really stopped,
+	# and check afterwards that nobody resumed it during the call.
 	$etcd->pause;
+	my $epid = $etcd->pid;
+	ok($etcd->poll_until("$what: etcd stopped", sub { proc_state($epid) eq 'T' }, $BOUND),
+		"$what: etcd is stopped");
 	my ($done, $out, $err, $elapsed) = run_statement($s, q{SELECT etcd_lock('p', 3);}, $BOUND);
+	my $state_after = proc_state($epid);
 	$etcd->resume;
+	is($state_after, 'T', "$what: etcd stayed stopped during the whole call");
 	ok($done, "$what: etcd_lock returns instead of hanging");
 	my ($state) = $err =~ /ERROR:  ([0-9A-Z]{5}):/;
 	like($state // '', qr/^08/, "$what: etcd_lock fails with a class-08 SQLSTATE")

@@ -84,6 +84,7 @@ static bool curl_ready = false;
 /* Watch state: when it started, and whether etcd confirmed it. */
 static TimestampTz watch_started;
 static bool watch_created;
+static int64 watch_revision;	/* etcd's revision when the watch started */
 
 /*
  * A waiter re-checks its queue this often even without an event, so that a
@@ -938,7 +939,8 @@ etcd_watch_start(const char *key, int64 start_revision)
 
 	etcd_client_init();
 	etcd_json_add_key(create, "key", key);
-	etcd_json_add_int64(create, "start_revision", start_revision);
+	if (start_revision > 0)
+		etcd_json_add_int64(create, "start_revision", start_revision);
 	/* only deletions can let us in */
 	cJSON_AddItemToArray(filters, cJSON_CreateString("NOPUT"));
 	body = cJSON_PrintUnformatted(req);
@@ -952,6 +954,13 @@ etcd_watch_start(const char *key, int64 start_revision)
 	pfree(url);
 	pfree(body);
 	return true;
+}
+
+/* The revision at which the current watch started, once it is created. */
+int64
+etcd_watch_revision(void)
+{
+	return watch_revision;
 }
 
 void
@@ -986,7 +995,12 @@ watch_scan(void)
 		if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "canceled")))
 			return ETCD_WATCH_ENDED;
 		if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(result, "created")))
+		{
 			watch_created = true;
+			watch_revision = etcd_json_int64(
+				cJSON_GetObjectItemCaseSensitive(result, "header"), "revision");
+			return ETCD_WATCH_CREATED;
+		}
 		cJSON_ArrayForEach(ev, cJSON_GetObjectItemCaseSensitive(result, "events"))
 		{
 			cJSON	   *type = cJSON_GetObjectItemCaseSensitive(ev, "type");

@@ -86,11 +86,13 @@ extern void etcd_report(int elevel, const char *path, EtcdResult *res);
 extern bool etcd_watch_start(const char *key, int64 start_revision);
 extern int	etcd_watch_wait(TimestampTz deadline);
 extern void etcd_watch_stop(void);
+extern int64 etcd_watch_revision(void);
 
 #define ETCD_WATCH_DELETED	1	/* the watched key was deleted */
 #define ETCD_WATCH_ENDED	2	/* stream ended or canceled: check again */
 #define ETCD_WATCH_WAKEUP	3	/* latch set: look at shared state */
 #define ETCD_WATCH_TIMEOUT	4	/* deadline passed */
+#define ETCD_WATCH_CREATED	5	/* etcd confirmed the watch */
 
 /* multi driver, shared by backends and the worker */
 extern EtcdMulti *etcd_multi_create(void);
@@ -206,7 +208,8 @@ extern void etcd_lease_slot_fill(int slot, int64 lease_id, int ttl);
 extern void etcd_lease_slot_release(int slot);
 extern bool etcd_lease_slot_lost(int slot, int64 lease_id);
 extern void etcd_lease_slot_set_lost(int slot, int64 lease_id);
-extern void etcd_lease_slot_hand_over(int slot, int64 lease_id);
+extern void etcd_lease_slot_hand_over(int slot, int64 lease_id, bool now_due);
+extern void etcd_lease_slot_reclaim(int slot, int64 lease_id);
 extern int	etcd_locks_on_lease(int64 lease_id);
 extern int	etcd_lock_slot_add(const char *name, const char *handle, int lease_slot,
 							   int64 lease_id, int ttl, bool xact);

@@ -419,10 +419,12 @@ lease_drop(int i)
 	int			slot = leases[i].slot;
 
 	leases[i].id = 0;
+	/* stop renewal first: a keepalive racing the revoke would report a loss */
+	etcd_lease_slot_hand_over(slot, id, false);
 	if (etcd_lease_revoke(id, WARNING))
 		etcd_lease_slot_release(slot);
 	else
-		etcd_lease_slot_hand_over(slot, id);
+		etcd_lease_slot_hand_over(slot, id, true);
 }
 
 /* This backend's lease for ttl, granted now if there is none. */
@@ -751,10 +753,18 @@ enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
 									 &pred, &watch_from);
 		while (status == ETCD_RECIPE_WAIT && wait_ms != 0)
 		{
+			int64		seen_at = watch_from - 1;	/* pred existed then */
+			bool		checked = false;
+			char	   *newpred = NULL;
 			int			r;
 
-			etcd_watch_start(pred, watch_from);
-			do
+			/*
+			 * Watch from etcd's head revision: etcd delivers at once to such
+			 * a watch, while one that starts at an older revision waits for
+			 * etcd's 100 ms catch-up loop.
+			 */
+			etcd_watch_start(pred, 0);
+			for (;;)
 			{
 				r = etcd_watch_wait(deadline);
 				if (etcd_lease_slot_lost(leases[lease_i].slot, lease_id))
@@ -763,12 +773,29 @@ enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
 							 errmsg("etcd lock \"%s\" was lost while waiting", name),
 							 errdetail("Its lease %llx expired or was revoked in etcd.",
 									   (unsigned long long) lease_id)));
-			} while (r == ETCD_WATCH_WAKEUP);
+				if (r == ETCD_WATCH_WAKEUP)
+					continue;
+				if (r != ETCD_WATCH_CREATED)
+					break;
+				/* nothing happened between our look and the watch's start */
+				if (etcd_watch_revision() <= seen_at)
+					continue;
+				/* it may have: look again, with the watch already running */
+				status = etcd_recipe_check(etcd_name, handle, *myrev, &newpred,
+										   &watch_from);
+				if (status == ETCD_RECIPE_WAIT && strcmp(newpred, pred) == 0)
+					continue;	/* the watch covers its deletion */
+				checked = true;
+				break;
+			}
 			etcd_watch_stop();
 			if (r == ETCD_WATCH_TIMEOUT)
 				break;
 
-			status = etcd_recipe_check(etcd_name, handle, *myrev, &pred, &watch_from);
+			if (checked)
+				pred = newpred;
+			else
+				status = etcd_recipe_check(etcd_name, handle, *myrev, &pred, &watch_from);
 			if (status == ETCD_RECIPE_LOST)
 				ereport(ERROR,
 						(errcode(ERRCODE_ETCD_LOCK_LOST),
@@ -971,7 +998,18 @@ etcd_lock_release_all(void)
 	{
 		if (leases[i].id != 0 && !leases[i].lost && going[i] == leases[i].nlocks)
 		{
-			etcd_lease_revoke(leases[i].id, ERROR);
+			/* stop renewal first, and take it back if etcd cannot be reached */
+			etcd_lease_slot_hand_over(leases[i].slot, leases[i].id, false);
+			PG_TRY();
+			{
+				etcd_lease_revoke(leases[i].id, ERROR);
+			}
+			PG_CATCH();
+			{
+				etcd_lease_slot_reclaim(leases[i].slot, leases[i].id);
+				PG_RE_THROW();
+			}
+			PG_END_TRY();
 			leases[i].lost = true;	/* gone: forget it with its last lock */
 		}
 	}

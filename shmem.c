@@ -241,11 +241,11 @@ etcd_lease_slot_set_lost(int slot, int64 lease_id)
 }
 
 /*
- * The owner could not revoke this lease: the worker revokes it instead,
- * retrying until etcd would have expired the lease anyway.
+ * The owner no longer wants this lease: the worker stops renewing it, and
+ * (now_due) revokes it, retrying until etcd would have expired it anyway.
  */
 void
-etcd_lease_slot_hand_over(int slot, int64 lease_id)
+etcd_lease_slot_hand_over(int slot, int64 lease_id, bool now_due)
 {
 	EtcdLeaseSlot *s = &etcd_shared->leases[slot];
 	TimestampTz now = GetCurrentTimestamp();
@@ -256,8 +256,29 @@ etcd_lease_slot_hand_over(int slot, int64 lease_id)
 		s->pid = 0;				/* no longer the backend's */
 		s->owner_latch = NULL;
 		s->revoke = true;
-		s->next_keepalive = now;
+		/* not due yet: the backend is trying the revoke itself */
+		s->next_keepalive = now_due ? now :
+			TimestampTzPlusMilliseconds(now, 3600 * 1000L);
 		s->revoke_until = TimestampTzPlusMilliseconds(now, Max(10, 2 * s->ttl) * 1000L);
+	}
+	LWLockRelease(etcd_shared->lock);
+	if (now_due)
+		etcd_wake_worker();
+}
+
+/* Undo a hand-over whose revoke failed while the lease is still in use. */
+void
+etcd_lease_slot_reclaim(int slot, int64 lease_id)
+{
+	EtcdLeaseSlot *s = &etcd_shared->leases[slot];
+
+	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+	if (s->lease_id == lease_id)
+	{
+		s->pid = MyProcPid;
+		s->owner_latch = MyLatch;
+		s->revoke = false;
+		s->next_keepalive = GetCurrentTimestamp();
 	}
 	LWLockRelease(etcd_shared->lock);
 	etcd_wake_worker();

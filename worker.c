@@ -91,7 +91,11 @@ finish_keepalive(int i)
 	}
 
 	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
-	if (s->lease_id == k->lease_id && k->revoking)
+	if (s->lease_id == k->lease_id && s->revoke && !k->revoking)
+	{
+		/* a keepalive that raced its lease's revoke: not a loss */
+	}
+	else if (s->lease_id == k->lease_id && k->revoking)
 	{
 		/* done when revoked, already gone, or surely expired by now */
 		if (ok || (res.kind == ETCD_RES_ERROR && res.grpc_code == 5) ||

@@ -84,7 +84,26 @@ sub stop
 	return;
 }
 
-sub pause { my $self = shift; kill 'STOP', $self->pid; return; }
+# SIGSTOP, then wait until every thread of etcd has stopped: kill returns
+# before the signal has taken effect.
+sub pause
+{
+	my $self = shift;
+	my $pid = $self->pid;
+	kill 'STOP', $pid;
+	for (1 .. 200)
+	{
+		my @running = grep {
+			open(my $fh, '<', "$_/stat") or next;
+			my $stat = <$fh>;
+			close $fh;
+			$stat =~ /\)\s+(\S)/ && $1 ne 'T' && $1 ne 't';
+		} glob("/proc/$pid/task/*");
+		return if !@running;
+		usleep(10_000);
+	}
+	die "etcd $self->{name} did not stop";
+}
 sub resume { my $self = shift; kill 'CONT', $self->pid; return; }
 
 # Run etcdctl against this etcd; returns stdout, dies on failure.
@@ -105,12 +124,14 @@ sub keys
 	return grep { $_ ne '' } split /\n/, $self->etcdctl('get', '--prefix', $prefix, '--keys-only');
 }
 
-# Lease IDs (hex) that etcd still has.
+# Lease IDs that etcd still has, in lower-case hex without leading zeros, as
+# in lock keys (etcdctl pads them to 16 digits).
 sub leases
 {
 	my $self = shift;
 	my @lines = split /\n/, $self->etcdctl('lease', 'list');
 	shift @lines;    # "found N leases"
+	s/^0+(?=[0-9a-f])// for @lines;
 	return @lines;
 }
 

@@ -1,0 +1,865 @@
+#!/usr/bin/env bash
+# The etcd_lock benchmark, from a fresh Debian 12 machine, as root:
+#
+#   bash bench/run.sh [--duration SECONDS] [--smoke] [--clients "1 8 32"]
+#                     [--cycles N] [--skip-install] [--keep]
+#
+# Installs what it needs, builds and installs etcd_lock, starts a local etcd
+# (fsync on), a second etcd that requires TLS client certificates, and
+# throwaway PostgreSQL servers, then runs every workload of bench/README.md
+# at the same concurrencies in one run.  Prints the results as markdown and
+# writes them to bench/results/latest.md.  Cleans up everything on exit.
+#
+#   --duration S    seconds per workload run (default 5; --smoke: 1)
+#   --smoke         every workload once, ~1 s each, at small concurrency;
+#                   exits 0 if every workload ran (no speed is asserted)
+#   --clients LIST  concurrency levels (default "1 8 32"; --smoke: "1 2")
+#   --cycles N      lock/unlock cycles of the per-backend memory test
+#                   (default 100000; --smoke: 2000)
+#   --skip-install  do not run apt-get (the packages are already there)
+#   --keep          keep the work directory (logs, data) instead of removing it
+set -euo pipefail
+export LC_ALL=C
+
+bench=$(cd "$(dirname "$0")" && pwd)
+src=$(dirname "$bench")
+. "$src/scripts/lib.sh"
+
+DURATION=
+SMOKE=0
+LEVELS=
+CYCLES=
+SKIP_INSTALL=0
+KEEP=0
+cmdline="bash bench/run.sh${*:+ $*}"
+while [ $# -gt 0 ]; do
+    case $1 in
+        --duration) DURATION=$2; shift 2 ;;
+        --smoke) SMOKE=1; shift ;;
+        --clients) LEVELS=$2; shift 2 ;;
+        --cycles) CYCLES=$2; shift 2 ;;
+        --skip-install) SKIP_INSTALL=1; shift ;;
+        --keep) KEEP=1; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+if [ "$SMOKE" = 1 ]; then
+    DURATION=${DURATION:-1}
+    LEVELS=${LEVELS:-"1 2"}
+    CYCLES=${CYCLES:-2000}
+    CONTENDED_LEVELS=2
+    SCALE_SESSIONS=10
+    SCALE_LOCKS="1 10 100"
+    HOLD_TTL=3				# a keepalive every ttl/3 = 1 s
+    KA_PERIODS=2
+    MEM_BUDGET=60			# seconds the memory test may take at most
+else
+    DURATION=${DURATION:-5}
+    LEVELS=${LEVELS:-"1 8 32"}
+    CYCLES=${CYCLES:-100000}
+    CONTENDED_LEVELS=$(for c in $LEVELS; do [ "$c" -ge 2 ] && echo "$c"; done | xargs)
+    CONTENDED_LEVELS=${CONTENDED_LEVELS:-2}
+    SCALE_SESSIONS=50
+    SCALE_LOCKS="1 100 1000"
+    HOLD_TTL=6				# a keepalive every 2 s
+    KA_PERIODS=5
+    MEM_BUDGET=300
+fi
+# the scale runs measure lock+unlock at the middle concurrency level
+SCALE_CLIENTS=$(echo $LEVELS | awk '{print $(int((NF+1)/2))}')
+
+if [ "$(id -u)" != 0 ]; then
+    echo "run this as root: it installs packages and the extension" >&2
+    exit 1
+fi
+
+t_begin=$(date +%s)
+say() { echo "== $*" >&2; }
+
+# ----------------------------------------------------------------------
+# set-up
+# ----------------------------------------------------------------------
+if [ "$SKIP_INSTALL" = 0 ]; then
+    say "installing packages"
+    extra=()
+    # nodesource's nodejs ships npm itself and conflicts with Debian's npm
+    command -v node >/dev/null || extra+=(nodejs)
+    command -v npm >/dev/null || extra+=(npm)
+    install_packages "${extra[@]}"
+fi
+t_installed=$(date +%s)
+
+work=$(mktemp -d /tmp/etcd_lock_bench.XXXXXX)
+chmod 755 "$work"
+build=
+PG_INSTANCES=()
+ETCD_PIDS=()
+BG_PIDS=()
+cleanup() {
+    local rc=$? p i
+    set +e
+    for p in "${BG_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for i in "${PG_INSTANCES[@]}"; do
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$work/pg-$i/data" -m immediate -w stop >/dev/null 2>&1
+    done
+    for p in "${ETCD_PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${BG_PIDS[@]}" "${ETCD_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+    if [ "$KEEP" = 1 ]; then
+        echo "kept the work directory $work" >&2
+    else
+        rm -rf "$work"
+    fi
+    [ -n "$build" ] && rm -rf "$build"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say "building and installing etcd_lock"
+# what is built is the working tree: note its commit and whether it differs
+commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
+dirty=$(git -C "$src" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " + uncommitted changes" || true)
+build=$(build_and_install "$src")
+
+say "building the C drivers"
+mkdir -p "$work/bin" "$work/logs" "$work/pglog" "$work/sql"
+for d in floor gostyle; do
+    gcc -O2 -o "$work/bin/$d" "$bench/$d.c" -lcurl -lcjson -lpthread
+done
+# the postgres user runs pgbench and psql: give it copies it can read (a
+# checkout under /root is not readable by it)
+cp "$bench"/pgbench/*.sql "$work/sql/"
+chown -R postgres: "$work"
+
+say "installing the npm etcd3 client (into a temp dir)"
+NPM_OK=1
+if ! npm install --prefix "$work/npm" --cache "$work/npm-cache" --no-audit --no-fund \
+        --loglevel=error etcd3@1.1.2 >"$work/logs/npm.log" 2>&1; then
+    NPM_OK=0
+    echo "npm install etcd3 failed:" >&2
+    tail -n 20 "$work/logs/npm.log" >&2
+fi
+export NODE_PATH="$work/npm/node_modules"
+
+# a CA, a server certificate with serverAuth AND clientAuth (etcd 3.4's
+# gateway needs both), and a client certificate
+CERTS=$work/certs
+make_certs() {
+    mkdir -p "$CERTS"
+    (
+        cd "$CERTS"
+        cat > ext.cnf <<'EOF'
+[server]
+basicConstraints = CA:FALSE
+keyUsage = digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+[client]
+basicConstraints = CA:FALSE
+keyUsage = digitalSignature, keyEncipherment
+extendedKeyUsage = clientAuth
+EOF
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem \
+            -days 2 -subj /CN=etcd-lock-bench-ca
+        openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr \
+            -subj /CN=127.0.0.1
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial \
+            -out server.pem -days 2 -extfile ext.cnf -extensions server
+        openssl req -newkey rsa:2048 -nodes -keyout client-key.pem -out client.csr \
+            -subj /CN=etcd-lock-bench-client
+        openssl x509 -req -in client.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial \
+            -out client.pem -days 2 -extfile ext.cnf -extensions client
+    ) >"$work/logs/openssl.log" 2>&1
+    chown -R postgres: "$CERTS"
+    chmod 600 "$CERTS"/*-key.pem
+}
+TLS_ARGS=(--cacert "$CERTS/ca.pem" --cert "$CERTS/client.pem" --key "$CERTS/client-key.pem")
+
+# start_etcd_bench NAME DIR [tls]: a one-member etcd on free loopback ports,
+# as the postgres user, with fsync ON (lib.sh's start_etcd passes
+# --unsafe-no-fsync, which suits tests but not benchmarks).
+# Sets ETCD_URL and appends the pid to ETCD_PIDS.
+start_etcd_bench() {
+    local name=$1 dir=$2 tls=${3:-} cport pport scheme=http tlsargs=() curlargs=() i
+    cport=$(free_port)
+    pport=$(free_port)
+    mkdir -p "$dir"
+    chown postgres: "$dir"
+    if [ -n "$tls" ]; then
+        scheme=https
+        tlsargs=(--cert-file "$CERTS/server.pem" --key-file "$CERTS/server-key.pem"
+                 --trusted-ca-file "$CERTS/ca.pem" --client-cert-auth)
+        curlargs=("${TLS_ARGS[@]}")
+    fi
+    runuser -u postgres -- etcd --name "$name" --data-dir "$dir/data" \
+        --listen-client-urls "$scheme://127.0.0.1:$cport" \
+        --advertise-client-urls "$scheme://127.0.0.1:$cport" \
+        --listen-peer-urls "http://127.0.0.1:$pport" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
+        --initial-cluster "$name=http://127.0.0.1:$pport" \
+        "${tlsargs[@]}" --logger=zap --log-outputs=stderr \
+        >"$dir/etcd.log" 2>&1 &
+    ETCD_PIDS+=($!)
+    ETCD_URL="$scheme://127.0.0.1:$cport"
+    for i in $(seq 1 100); do
+        if curl -sf "${curlargs[@]}" "$ETCD_URL/health" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "etcd $name did not start; its log:" >&2
+    cat "$dir/etcd.log" >&2
+    return 1
+}
+
+say "starting etcd (fsync on) and an etcd that requires TLS client certificates"
+make_certs
+start_etcd_bench bench "$work/etcd"
+ETCD_HTTP=$ETCD_URL
+start_etcd_bench benchtls "$work/etcd-tls" tls
+ETCD_TLS=$ETCD_URL
+ETCD_HTTP_PID=$(pgrep -P "${ETCD_PIDS[0]}" etcd || echo "${ETCD_PIDS[0]}")
+CLK_TCK=$(getconf CLK_TCK)
+# CPU time (ms, user + system) the HTTP etcd has used so far
+etcd_cpu_ms() { awk -v hz="$CLK_TCK" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$ETCD_HTTP_PID/stat"; }
+
+# start_pg NAME "extra postgresql.conf lines": a throwaway PostgreSQL that
+# listens on a Unix socket in a temp dir only, on a free port number
+declare -A PG_SOCK PG_PORT
+start_pg() {
+    local name=$1 conf=$2 dir
+    dir=$work/pg-$name
+    mkdir -p "$dir/sock"
+    chown -R postgres: "$dir"
+    PG_PORT[$name]=$(free_port)
+    PG_SOCK[$name]=$dir/sock
+    runuser -u postgres -- "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 \
+        --no-sync >"$work/logs/initdb-$name.log" 2>&1
+    cat >> "$dir/data/postgresql.conf" <<CONF
+listen_addresses = ''
+port = ${PG_PORT[$name]}
+unix_socket_directories = '$dir/sock'
+max_connections = 200
+shared_preload_libraries = 'etcd_lock'
+etcd_lock.max_locks = 4096
+$conf
+CONF
+    PG_INSTANCES+=("$name")
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w start >/dev/null
+    PGI=$name
+    sql "CREATE EXTENSION etcd_lock" >/dev/null
+    sql "CREATE TABLE bench_items(id bigserial PRIMARY KEY, client int, at timestamptz)" >/dev/null
+    sql "CREATE UNLOGGED TABLE bench_handoff(run text, client int, ta timestamptz, tr timestamptz)" >/dev/null
+}
+# psql as postgres on instance $PGI
+psqlb() {
+    runuser -u postgres -- "$PG_BIN/psql" -h "${PG_SOCK[$PGI]}" -p "${PG_PORT[$PGI]}" -U postgres \
+        -d postgres -X -q -v ON_ERROR_STOP=1 "$@"
+}
+sql() { psqlb -At -c "$1"; }
+
+say "starting throwaway PostgreSQL servers"
+start_pg http "etcd_lock.endpoints = '$ETCD_HTTP'"
+HAVE_XACT=$(sql "SELECT count(*) FROM pg_proc WHERE proname = 'etcd_xact_lock'")
+HAVE_TLS=$(sql "SELECT count(*) FROM pg_settings WHERE name = 'etcd_lock.cert'")
+if [ "$HAVE_TLS" -gt 0 ]; then
+    start_pg tls "etcd_lock.endpoints = '$ETCD_TLS'
+etcd_lock.cacert = '$CERTS/ca.pem'
+etcd_lock.cert = '$CERTS/client.pem'
+etcd_lock.key = '$CERTS/client-key.pem'"
+fi
+PGI=http
+
+# ----------------------------------------------------------------------
+# measurement helpers
+# ----------------------------------------------------------------------
+declare -A OPS P50 P99 NOTE REQS CALLS CONNS LOCKS NOPS CLIENTCPU ETCDCPU
+FAILED=()
+
+# "p50 p99" of the numbers (ms) in a file, one per line
+percentiles() {
+    sort -g "$1" | awk '{v[NR-1]=$1} END {
+        if (NR == 0) { print "0 0"; exit }
+        printf "%.3f %.3f\n", v[int(0.50*(NR-1)+0.5)], v[int(0.99*(NR-1)+0.5)] }'
+}
+
+fail() {
+    FAILED+=("$1")
+    NOTE[$1]="failed"
+    echo "   FAILED: $1${2:+ (log: $2)}" >&2
+    if [ -n "${2:-}" ]; then tail -n 15 "$2" >&2; fi
+    return 0
+}
+
+# run_driver KEY CMD...: a driver that prints a RESULT line
+run_driver() {
+    local key=$1 log line kv
+    shift
+    log="$work/logs/${key//@/_}.log"
+    if "$@" >"$log" 2>&1 && line=$(grep '^RESULT ' "$log" | tail -n 1) && [ -n "$line" ]; then
+        for kv in $line; do
+            case $kv in
+                ops_s=*) OPS[$key]=${kv#*=} ;;
+                p50_ms=*) P50[$key]=${kv#*=} ;;
+                p99_ms=*) P99[$key]=${kv#*=} ;;
+                ops=*) NOPS[$key]=${kv#*=} ;;
+                cpu_ms_per_op=*) CLIENTCPU[$key]=${kv#*=} ;;
+            esac
+        done
+        echo "   $key: ${OPS[$key]}/s p50 ${P50[$key]} ms p99 ${P99[$key]} ms" >&2
+    else
+        fail "$key" "$log"
+    fi
+}
+
+# etcd_url_of INSTANCE and the curl arguments to reach it
+etcd_curl() {
+    if [ "$PGI" = tls ]; then
+        curl -sf "${TLS_ARGS[@]}" "$ETCD_TLS$1"
+    else
+        curl -sf "$ETCD_HTTP$1"
+    fi
+}
+etcd_port() { if [ "$PGI" = tls ]; then echo "${ETCD_TLS##*:}"; else echo "${ETCD_HTTP##*:}"; fi; }
+
+# gRPC calls etcd started, by method ("Txn 1234"), as counted by etcd
+# itself (the gateway turns each HTTP request into one gRPC call)
+etcd_calls() {
+    etcd_curl /metrics | awk '/^grpc_server_started_total\{/ {
+        if (match($0, /grpc_method="[^"]*"/)) c[substr($0, RSTART + 13, RLENGTH - 14)] += $NF }
+        END { for (m in c) print m, c[m] }' | sort
+}
+
+# sample_conns PORT FILE PID: while PID runs, every 0.2 s, note "pid inode"
+# of each TCP socket that a postgres process has open to 127.0.0.1:PORT.
+# A socket inode is never reused while it lives, so the distinct inodes
+# are the connections the backends (and the worker) used.
+sample_conns() {
+    : >"$2"
+    while kill -0 "$3" 2>/dev/null; do
+        ss -Htanpe "( dport = :$1 )" | awk '/users:\(\("postgres"/ {
+            match($0, /pid=[0-9]+/); pid = substr($0, RSTART + 4, RLENGTH - 4)
+            match($0, /ino:[0-9]+/); print pid, substr($0, RSTART + 4, RLENGTH - 4) }' >>"$2"
+        sleep 0.2
+    done
+}
+
+stats() { sql "SELECT requests - keepalives, acquired FROM etcd_lock_stats" | tr '|' ' '; }
+
+# run_pgbench KEY CLIENTS SCRIPT [pgbench args]: on instance $PGI
+run_pgbench() {
+    local key=$1 c=$2 script=$3 log s0 s1 tps r0 a0 r1 a1 port pid f=${1//@/_}
+    shift 3
+    log="$work/logs/$f.log"
+    port=$(etcd_port)
+    s0=$(stats)
+    etcd_calls >"$work/calls.before"
+    rm -f "$work/pglog/$f".*
+    runuser -u postgres -- pgbench -n -h "${PG_SOCK[$PGI]}" -p "${PG_PORT[$PGI]}" -U postgres \
+        -f "$work/sql/$script" -c "$c" -j "$c" -T "$DURATION" \
+        -l --log-prefix="$work/pglog/$f" "$@" postgres >"$log" 2>&1 &
+    pid=$!
+    sample_conns "$port" "$work/conns" "$pid"
+    if wait "$pid" &&
+        tps=$(awk '/^tps = .*without initial connection time/ {print $3}' "$log") &&
+        [ -n "$tps" ]; then
+        s1=$(stats)
+        etcd_calls >"$work/calls.after"
+        OPS[$key]=$(printf '%.1f' "$tps")
+        cat "$work/pglog/$f".* | awk '{printf "%.3f\n", $3/1000}' >"$work/lat"
+        read -r "P50[$key]" "P99[$key]" < <(percentiles "$work/lat")
+        # etcd requests per lock, as etcd_lock counts them (keepalives
+        # excluded) and as etcd counts them by method; new TCP connections
+        read -r r0 a0 <<<"$s0"
+        read -r r1 a1 <<<"$s1"
+        if [ $((a1 - a0)) -gt 0 ]; then
+            LOCKS[$key]=$((a1 - a0))
+            REQS[$key]=$(awk -v r=$((r1 - r0)) -v a=$((a1 - a0)) 'BEGIN {printf "%.2f", r/a}')
+            CALLS[$key]=$(awk -v n=$((a1 - a0)) 'NR == FNR {b[$1] = $2; next}
+                { d = ($2 - b[$1]) / n; if (d >= 0.005) { printf "%s%s %.2f", sep, $1, d; sep = ", " } }' \
+                "$work/calls.before" "$work/calls.after")
+            CONNS[$key]=$(awk '{ s[$2] = 1; p[$1] = 1 } END { printf "%d by %d processes\n", length(s), length(p) }' "$work/conns")
+        fi
+        echo "   $key: ${OPS[$key]}/s p50 ${P50[$key]} ms p99 ${P99[$key]} ms${REQS[$key]:+; per lock: ${REQS[$key]} requests (etcd: ${CALLS[$key]}); TCP connections: ${CONNS[$key]}}" >&2
+    else
+        fail "$key" "$log"
+    fi
+}
+
+# etcdctl lock NAME -- true in a shell loop, one process per lock
+etcdctl_driver() {
+    local c=$1 secs=$2 i end_us pids=() rc=0 p start end n p50 p99
+    end_us=$(( ${EPOCHREALTIME/./} + ${secs%.*} * 1000000 ))
+    for i in $(seq 0 $((c - 1))); do
+        (
+            while [ "${EPOCHREALTIME/./}" -lt "$end_us" ]; do
+                t0=$EPOCHREALTIME
+                etcdctl --endpoints="$ETCD_HTTP" lock "bench/etcdctl/$c/$i" -- true \
+                    >/dev/null 2>"$work/etcdctl.err.$i" || { echo "ERROR"; exit 1; }
+                echo "$t0 $EPOCHREALTIME"
+            done
+        ) >"$work/etcdctl.$i" &
+        pids+=($!)
+    done
+    # wait for these loops only: etcd itself is a child of this shell too
+    for p in "${pids[@]}"; do wait "$p" || rc=1; done
+    cat "$work"/etcdctl.[0-9]* >"$work/etcdctl.all"
+    rm -f "$work"/etcdctl.[0-9]*
+    if grep -q ERROR "$work/etcdctl.all"; then
+        cat "$work"/etcdctl.err.* >&2
+        rc=1
+    fi
+    awk '$1 != "ERROR" {printf "%.3f\n", ($2-$1)*1000}' "$work/etcdctl.all" >"$work/lat"
+    read -r start end n < <(awk '$1 != "ERROR" { if (s == "" || $1 < s) s = $1; if ($2 > e) e = $2; n++ }
+        END { printf "%s %s %d\n", s, e, n }' "$work/etcdctl.all")
+    read -r p50 p99 < <(percentiles "$work/lat")
+    awk -v n="$n" -v s="$start" -v e="$end" -v p50="$p50" -v p99="$p99" -v rc=$rc 'BEGIN {
+        secs = e - s; if (secs <= 0) secs = 1
+        printf "RESULT ops=%d secs=%.3f ops_s=%.1f p50_ms=%s p99_ms=%s errors=%d\n", n, secs, n/secs, p50, p99, rc }'
+    [ "$rc" = 0 ] && [ "$n" -gt 0 ]
+}
+
+# ----------------------------------------------------------------------
+# 1-3: uncontended lock+unlock.  Every workload at one concurrency level,
+# then the next level, so that each ratio compares runs taken side by side.
+# ----------------------------------------------------------------------
+for c in $LEVELS; do
+    say "uncontended lock+unlock at $c client(s), ${DURATION}s each"
+    e0=$(etcd_cpu_ms)
+    run_driver "floor@$c" "$work/bin/floor" --url "$ETCD_HTTP" --clients "$c" --secs "$DURATION" \
+        --prefix "etcd_lock/bench/floor/$c/"
+    ETCDCPU[floor@$c]=$(awk -v d=$(( $(etcd_cpu_ms) - e0 )) -v n="${NOPS[floor@$c]:-0}" 'BEGIN { if (n > 0) printf "%.3f", d / n }')
+    PGI=http
+    for w in session session1; do
+        e0=$(etcd_cpu_ms)
+        run_pgbench "$w@$c" "$c" "$w.sql"
+        ETCDCPU[$w@$c]=$(awk -v d=$(( $(etcd_cpu_ms) - e0 )) -v n="${LOCKS[$w@$c]:-0}" 'BEGIN { if (n > 0) printf "%.3f", d / n }')
+    done
+    if [ "$HAVE_XACT" -gt 0 ]; then
+        run_pgbench "xact@$c" "$c" xact.sql
+    else
+        NOTE[xact@$c]="skipped (etcd_xact_lock not available)"
+        echo "   xact@$c: ${NOTE[xact@$c]}" >&2
+    fi
+    run_pgbench "insert@$c" "$c" insert.sql
+    run_pgbench "advisory@$c" "$c" advisory.sql
+    if [ "$NPM_OK" = 1 ]; then
+        run_driver "npm@$c" node "$bench/etcd3_peer.js" --url "$ETCD_HTTP" --clients "$c" \
+            --secs "$DURATION" --prefix "bench/npm/$c/"
+    elif [ "$SMOKE" = 1 ]; then
+        # the smoke run checks our own workloads; a registry hiccup is not ours
+        NOTE[npm@$c]="skipped (npm install failed)"
+        echo "   npm@$c: ${NOTE[npm@$c]}" >&2
+    else
+        fail "npm@$c" "$work/logs/npm.log"
+    fi
+    run_driver "etcdctl@$c" etcdctl_driver "$c" "$DURATION"
+    run_driver "gohttp@$c" "$work/bin/gostyle" --url "$ETCD_HTTP" --clients "$c" --secs "$DURATION" \
+        --prefix "bench/gostyle/$c/"
+    # over TLS with client certificates
+    run_driver "floortls@$c" "$work/bin/floor" --url "$ETCD_TLS" --clients "$c" --secs "$DURATION" \
+        --prefix "etcd_lock/bench/floortls/$c/" "${TLS_ARGS[@]}"
+    if [ "$HAVE_TLS" -gt 0 ]; then
+        PGI=tls
+        run_pgbench "sessiontls@$c" "$c" session.sql
+        PGI=http
+    else
+        NOTE[sessiontls@$c]="skipped (no etcd_lock.cert setting)"
+    fi
+    run_driver "gotls@$c" "$work/bin/gostyle" --url "$ETCD_TLS" --clients "$c" --secs "$DURATION" \
+        --prefix "bench/gostyletls/$c/" "${TLS_ARGS[@]}"
+done
+PGI=http
+
+# ----------------------------------------------------------------------
+# 2c: contended, N clients on one name
+# ----------------------------------------------------------------------
+declare -A HO_N HO_RATE HO_P50 HO_P99 HO_OVERLAP HO_HOLD HO_SLOW
+contended_run() {	# contended_run KEY CLIENTS, on instance $PGI
+    local key=$1 c=$2
+    run_pgbench "$key" "$c" contended.sql -D "run=$key"
+    [ "${NOTE[$key]:-}" = failed ] && return 0
+    # order the acquisitions; the gap from one holder's release to the next
+    # holder's acquire is a handoff.  An acquire before the previous release
+    # would be a broken lock: count those.
+    read -r "HO_N[$key]" "HO_RATE[$key]" "HO_P50[$key]" "HO_P99[$key]" "HO_OVERLAP[$key]" \
+        "HO_HOLD[$key]" "HO_SLOW[$key]" < <(sql "
+        WITH o AS (
+            SELECT ta, tr, lag(tr) OVER (ORDER BY ta) AS prev_tr
+            FROM bench_handoff WHERE run = '$key')
+        SELECT count(prev_tr),
+               round((count(*) / greatest(extract(epoch FROM max(ta) - min(ta)), 0.001))::numeric, 1),
+               round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM ta - prev_tr) * 1000))::numeric, 3),
+               round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM ta - prev_tr) * 1000))::numeric, 3),
+               count(*) FILTER (WHERE ta < prev_tr),
+               round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM tr - ta) * 1000))::numeric, 3),
+               round(100.0 * count(*) FILTER (WHERE ta - prev_tr > interval '20 ms') / greatest(count(prev_tr), 1), 1)
+        FROM o" | tr '|' ' ')
+    echo "   $key: ${HO_RATE[$key]} handoffs/s, release->acquire p50 ${HO_P50[$key]} ms p99 ${HO_P99[$key]} ms, ${HO_SLOW[$key]}% over 20 ms, overlaps ${HO_OVERLAP[$key]}" >&2
+    if [ "${HO_N[$key]:-0}" -lt 1 ] || [ "${HO_OVERLAP[$key]}" != 0 ]; then
+        fail "$key" "$work/logs/${key//@/_}.log"
+    fi
+}
+for c in $CONTENDED_LEVELS; do
+    say "contended: $c clients on one name, ${DURATION}s"
+    PGI=http
+    contended_run "contended@$c" "$c"
+    if [ "$HAVE_TLS" -gt 0 ]; then
+        PGI=tls
+        contended_run "contendedtls@$c" "$c"
+    fi
+done
+PGI=http
+
+# ----------------------------------------------------------------------
+# 4: scale: locks held at once, worker keepalives, shared memory
+# ----------------------------------------------------------------------
+declare -A SC_LEASES SC_KA SC_KAPER
+SHMEM=$(sql "SELECT size, allocated_size FROM pg_shmem_allocations WHERE name = 'etcd_lock'" | tr '|' ' ')
+KA_PERIOD_MS=$(( HOLD_TTL * 1000 / 3 ))
+
+wait_for() {		# wait_for SQL-condition SECONDS
+    local deadline=$(( $(date +%s) + $2 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        [ "$(sql "SELECT ($1)" 2>/dev/null)" = t ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+stop_holders() {
+    sql "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'bench_holder'" >/dev/null || true
+    local p
+    for p in "${BG_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    BG_PIDS=()
+    wait_for "SELECT locks = 0 AND leases = 0 FROM etcd_lock_stats" 30 || true
+}
+
+LOST_HELD=0			# etcd_lock_stats.lost while the holders hold
+LOST_END=0			# and while they are being terminated
+for k in $SCALE_LOCKS; do
+    say "scale: $k lock(s) held by $SCALE_SESSIONS sessions (ttl $HOLD_TTL s)"
+    key="scale@$k"
+    for i in $(seq 0 $((SCALE_SESSIONS - 1))); do
+        n=$(( k / SCALE_SESSIONS + (i < k % SCALE_SESSIONS ? 1 : 0) ))
+        runuser -u postgres -- env PGAPPNAME=bench_holder "$PG_BIN/psql" -h "${PG_SOCK[http]}" \
+            -p "${PG_PORT[http]}" -U postgres -d postgres -X -q -At \
+            -c "SELECT count(etcd_lock('bench/hold/$i/' || g, $HOLD_TTL)) FROM generate_series(1, $n) g" \
+            -c "SELECT pg_sleep(100000)" >"$work/logs/holder.$i.log" 2>&1 &
+        BG_PIDS+=($!)
+    done
+    if ! wait_for "(SELECT locks FROM etcd_lock_stats) = $k AND
+                   (SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bench_holder'
+                    AND query LIKE '%pg_sleep%') = $SCALE_SESSIONS" 120; then
+        fail "$key" "$work/logs/holder.0.log"
+        stop_holders
+        continue
+    fi
+    lost_a=$(sql "SELECT lost FROM etcd_lock_stats")
+    SC_LEASES[$key]=$(sql "SELECT leases FROM etcd_lock_stats")
+    # leases granted together renew together, every ttl/3: start the window
+    # half a period after a renewal and make it KA_PERIODS periods long, so
+    # that exactly KA_PERIODS renewals of each lease fall inside it
+    ka=$(sql "SELECT keepalives FROM etcd_lock_stats")
+    wait_for "SELECT keepalives > $ka FROM etcd_lock_stats" $(( HOLD_TTL + 2 )) || true
+    sleep "$(awk -v p=$KA_PERIOD_MS 'BEGIN {print p / 2000}')"
+    read -r ka0 t0 < <(sql "SELECT keepalives, extract(epoch FROM clock_timestamp()) FROM etcd_lock_stats" | tr '|' ' ')
+    sleep "$(awk -v p=$KA_PERIOD_MS -v n=$KA_PERIODS 'BEGIN {print p * n / 1000}')"
+    read -r ka1 t1 < <(sql "SELECT keepalives, extract(epoch FROM clock_timestamp()) FROM etcd_lock_stats" | tr '|' ' ')
+    SC_KA[$key]=$(awk -v a="$ka0" -v b="$ka1" -v s="$t0" -v e="$t1" 'BEGIN {printf "%.2f", (b-a)/(e-s)}')
+    SC_KAPER[$key]=$(awk -v a="$ka0" -v b="$ka1" -v s="$t0" -v e="$t1" -v l="${SC_LEASES[$key]}" -v p=$KA_PERIOD_MS \
+        'BEGIN {printf "%.2f", (l > 0) ? (b-a) / l / ((e-s) * 1000 / p) : 0}')
+    echo "   $key: ${SC_LEASES[$key]} leases, ${SC_KA[$key]} keepalives/s = ${SC_KAPER[$key]} per lease per ttl/3" >&2
+    # uncontended lock+unlock while they are held
+    run_pgbench "$key" "$SCALE_CLIENTS" session.sql
+    lost_b=$(sql "SELECT lost FROM etcd_lock_stats")
+    LOST_HELD=$(( LOST_HELD + lost_b - lost_a ))
+    stop_holders
+    LOST_END=$(( LOST_END + $(sql "SELECT lost FROM etcd_lock_stats") - lost_b ))
+done
+
+# ----------------------------------------------------------------------
+# 4: per-backend memory over many lock/unlock cycles, in one session
+# ----------------------------------------------------------------------
+say "per-backend memory: up to $CYCLES lock/unlock cycles in one session (budget ${MEM_BUDGET}s)"
+snapshot="SELECT 'MEM', @N@, (SELECT sum(total_bytes) FROM pg_backend_memory_contexts),
+  (regexp_match(pg_read_file('/proc/self/status'), 'RssAnon:\\s+(\\d+)'))[1],
+  (regexp_match(pg_read_file('/proc/self/status'), 'VmRSS:\\s+(\\d+)'))[1],
+  round(extract(epoch FROM clock_timestamp() - :'t0')::numeric, 1),
+  split_part(pg_read_file('/proc/self/stat'), ' ', 14)::bigint + split_part(pg_read_file('/proc/self/stat'), ' ', 15)::bigint;"
+{
+    echo "SELECT clock_timestamp() AS t0 \\gset"
+    done_n=0
+    depth=0
+    for target in 1000 10000 $(seq 20000 10000 "$CYCLES") "$CYCLES"; do
+        [ "$target" -gt "$CYCLES" ] && target=$CYCLES
+        [ "$target" -le "$done_n" ] && continue
+        if [ "$done_n" -gt 0 ]; then
+            # stop when the time budget is spent
+            echo "SELECT clock_timestamp() - :'t0' < interval '$MEM_BUDGET s' AS go \\gset"
+            echo "\\if :go"
+            depth=$((depth + 1))
+        fi
+        echo "\\o /dev/null"
+        echo "SELECT 'SELECT etcd_unlock(etcd_lock(''bench/mem''))' FROM generate_series(1, $((target - done_n))) \\gexec"
+        echo "\\o"
+        echo "${snapshot//@N@/$target}"
+        done_n=$target
+    done
+    for _ in $(seq 1 $depth); do echo "\\endif"; done
+} >"$work/sql/mem.sql"
+chown postgres: "$work/sql/mem.sql"
+MEM_ROWS=()
+MEM_TICKS=()
+mem_e0=$(etcd_cpu_ms)
+if psqlb -At -F ' ' -f "$work/sql/mem.sql" >"$work/logs/mem.log" 2>&1; then
+    mem_e1=$(etcd_cpu_ms)
+    while read -r tag cycles ctx rssanon vmrss secs ticks; do
+        if [ "$tag" = MEM ]; then
+            MEM_ROWS+=("$cycles $ctx $rssanon $vmrss $secs")
+            MEM_TICKS+=("$cycles $ticks")
+        fi
+    done <"$work/logs/mem.log"
+    echo "   memory: ${#MEM_ROWS[@]} snapshots, last: ${MEM_ROWS[-1]:-none}" >&2
+    [ "${#MEM_ROWS[@]}" -ge 2 ] || fail "memory" "$work/logs/mem.log"
+else
+    fail "memory" "$work/logs/mem.log"
+fi
+
+# a crashed backend or worker restarts the whole server: that is a failure
+CRASHES=$(cat "$work"/pg-*/postgres.log | grep -c 'terminated by signal' || true)
+if [ "$CRASHES" -gt 0 ]; then
+    fail "postgres-crash"
+    grep -h 'terminated by signal' "$work"/pg-*/postgres.log | head -n 5 >&2
+fi
+
+# ----------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------
+t_end=$(date +%s)
+say "writing the report"
+ratio() {		# ratio A B: A/B as "0.91x", or "-"
+    awk -v a="${1:-}" -v b="${2:-}" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2fx\n", a / b }'
+}
+cell() {		# cell KEY: "970/s (0.96 / 2.76)"
+    local k=$1
+    if [ -n "${OPS[$k]:-}" ]; then
+        printf '%s/s (%s / %s)' "$(printf '%.0f' "${OPS[$k]}")" "${P50[$k]}" "${P99[$k]}"
+    else
+        printf '%s' "${NOTE[$k]:--}"
+    fi
+}
+# goal TEXT VALUES THRESHOLD OP: met if every value OP threshold (values
+# may end in "x"; "-" is not measured)
+goal() {
+    local verdict
+    verdict=$(awk -v v="$2" -v t="$3" -v op="$4" 'BEGIN {
+        n = split(v, a, " "); ok = 1; cnt = 0
+        for (i = 1; i <= n; i++) {
+            if (a[i] == "-" || a[i] == "") continue
+            cnt++; x = a[i]; sub(/x$/, "", x); x += 0
+            if ((op == ">=" && x < t) || (op == "<" && x >= t) || (op == "(0,]" && (x <= 0 || x > t))) ok = 0 }
+        if (cnt == 0) print "not measured"; else print (ok ? "met" : "**not met**") }')
+    echo "| $1 | ${2:--} | ${5:--} | $verdict |"
+}
+levels_of() { local w=$1 f=$2 b=${3:-} c; for c in $LEVELS; do "$f" "$w" "$b" "$c"; done | xargs; }
+ratio_at() { ratio "${OPS[$1@$3]:-}" "${OPS[$2@$3]:-}"; }
+
+machine_cpu=$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')
+machine_mem=$(free -h | awk '/^Mem:/ {print $2}')
+etcd_version=$(etcd --version 2>/dev/null | awk '/etcd Version/ {print $3}')
+pg_version=$("$PG_BIN/postgres" --version | awk '{print $3}')
+hdr_levels=""
+sep_levels=""
+for c in $LEVELS; do hdr_levels+=" $c client$([ "$c" = 1 ] || echo s) |"; sep_levels+="---|"; done
+session_tls_key=session
+[ "$HAVE_TLS" -gt 0 ] && session_tls_key=sessiontls
+
+mkdir -p "$bench/results"
+report="$bench/results/latest.md"
+{
+    echo "# etcd_lock benchmark results"
+    echo
+    echo "- command: \`$cmdline\`$([ "$SMOKE" = 1 ] && echo ' (smoke run: the numbers mean nothing)')"
+    echo "- etcd_lock commit $commit$dirty; $(date -u '+%Y-%m-%d %H:%M UTC'); $((t_end - t_installed)) s after package install"
+    echo "- machine: $(nproc) CPUs ($machine_cpu), $machine_mem RAM, Linux $(uname -r)"
+    echo "- etcd $etcd_version (one member on loopback, fsync on), PostgreSQL $pg_version (defaults, fsync on), ${DURATION} s per run"
+    echo
+    echo "## Uncontended lock + unlock"
+    echo
+    echo "Lock+unlock pairs per second (p50 / p99 latency of one pair, ms), each client on its own name."
+    echo
+    echo "| workload |$hdr_levels"
+    echo "|---|$sep_levels"
+    for w in floor session session1 xact sessiontls insert advisory npm etcdctl gohttp floortls gotls; do
+        case $w in
+            floor) label="floor: the 2 requests on a kept-alive HTTP connection (C, no PostgreSQL)" ;;
+            session) label="**etcd_lock** session lock; unlock (2 statements)" ;;
+            session1) label="**etcd_lock** session lock and unlock in 1 statement" ;;
+            xact) label="**etcd_lock** xact lock around an INSERT (BEGIN; lock; INSERT; COMMIT)" ;;
+            sessiontls) label="**etcd_lock** session lock; unlock, over TLS with client certs" ;;
+            insert) label="reference: that INSERT transaction without the lock" ;;
+            advisory) label="reference: pg_advisory_lock; pg_advisory_unlock" ;;
+            npm) label="peer: npm etcd3 lock acquire + release" ;;
+            etcdctl) label="peer: etcdctl lock NAME -- true (a process per lock)" ;;
+            gohttp) label="peer: Go-style, new connection per lock, HTTP" ;;
+            floortls) label="floor over TLS with client certs (kept-alive)" ;;
+            gotls) label="peer: Go-style, new connection per lock, TLS with client certs" ;;
+        esac
+        row="| $label |"
+        for c in $LEVELS; do row+=" $(cell "$w@$c") |"; done
+        echo "$row"
+    done
+    echo
+    echo "## Ratios: etcd_lock pairs/s ÷ the others' pairs/s, same concurrency, same run"
+    echo
+    echo "| ratio |$hdr_levels"
+    echo "|---|$sep_levels"
+    for pair in session:floor session:npm session:etcdctl session:gohttp session:gotls \
+                session1:floor sessiontls:floortls sessiontls:gotls \
+                xact:floor xact:npm xact:etcdctl xact:gohttp xact:gotls \
+                floor:npm floor:gohttp floortls:gotls; do
+        e=${pair%%:*}
+        b=${pair#*:}
+        [ "$e" = xact ] && [ "$HAVE_XACT" = 0 ] && continue
+        [ "$e" = sessiontls ] && [ "$HAVE_TLS" = 0 ] && continue
+        case $b in
+            floor) bl="floor" ;;
+            npm) bl="npm etcd3" ;;
+            etcdctl) bl="etcdctl lock" ;;
+            gohttp) bl="Go-style HTTP" ;;
+            gotls) bl="Go-style TLS" ;;
+            floortls) bl="floor over TLS" ;;
+        esac
+        el=$e
+        [ "$e" = session ] && [ "$b" = gotls ] && el="session (over HTTP)"
+        case $e in floor|floortls) el="ceiling: $e" ;; esac
+        row="| $el ÷ $bl |"
+        for c in $LEVELS; do row+=" $(ratio_at "$e" "$b" "$c") |"; done
+        echo "$row"
+    done
+    echo
+    echo "## etcd requests and connections per etcd_lock run"
+    echo
+    echo "Per lock+unlock: requests as etcd_lock counts them (etcd_lock_stats, keepalives excluded) and gRPC"
+    echo "calls as etcd counts them, by method (its /metrics); the floor sends 2 (Txn 2.00). TCP connections:"
+    echo "distinct sockets that PostgreSQL processes had open to etcd, sampled every 0.2 s with ss; one per"
+    echo "backend is expected (two while waiting: the watch has its own), and the worker's when it renews."
+    echo
+    echo "| run | requests per lock | etcd calls per lock | TCP connections | locks |"
+    echo "|---|---|---|---|---|"
+    for k in $(for w in session session1 xact sessiontls; do for c in $LEVELS; do echo "$w@$c"; done; done
+               for c in $CONTENDED_LEVELS; do echo "contended@$c"; echo "contendedtls@$c"; done
+               for k in $SCALE_LOCKS; do echo "scale@$k"; done); do
+        [ -n "${REQS[$k]:-}" ] || continue
+        echo "| $k | ${REQS[$k]} | ${CALLS[$k]:-} | ${CONNS[$k]} | ${LOCKS[$k]} |"
+    done
+    echo
+    echo "## Contended: N clients on one name"
+    echo
+    echo "| clients | handoffs/s | release → acquire p50 | p99 | over 20 ms | hold p50 | handoffs | overlaps (must be 0) |"
+    echo "|---|---|---|---|---|---|---|---|"
+    for k in $(for c in $CONTENDED_LEVELS; do echo "contended@$c"; [ "$HAVE_TLS" -gt 0 ] && echo "contendedtls@$c"; done); do
+        c=${k#*@}
+        [ "${k%@*}" = contendedtls ] && c="$c, over TLS"
+        echo "| $c | ${HO_RATE[$k]:-failed} | ${HO_P50[$k]:--} ms | ${HO_P99[$k]:--} ms | ${HO_SLOW[$k]:--}% | ${HO_HOLD[$k]:--} ms | ${HO_N[$k]:--} | ${HO_OVERLAP[$k]:--} |"
+    done
+    echo
+    echo "## Scale: locks held at once by $SCALE_SESSIONS sessions (lease ttl $HOLD_TTL s)"
+    echo
+    echo "| locks held | leases | worker keepalives/s | per lease per ttl/3 | lock+unlock at $SCALE_CLIENTS client(s) meanwhile |"
+    echo "|---|---|---|---|---|"
+    for k in $SCALE_LOCKS; do
+        key="scale@$k"
+        echo "| $k | ${SC_LEASES[$key]:--} | ${SC_KA[$key]:--} | ${SC_KAPER[$key]:--} | $(cell "$key") |"
+    done
+    echo
+    read -r shm_size shm_alloc <<<"$SHMEM"
+    echo "Shared memory (pg_shmem_allocations, name 'etcd_lock'): $shm_size bytes for etcd_lock.max_locks = 4096,"
+    echo "i.e. $(( shm_size / 4096 )) bytes per lock slot + lease slot, allocated at start whatever the number of locks held."
+    echo "etcd_lock_stats.lost while the locks were held: $LOST_HELD (must be 0); while the holding sessions were"
+    echo "being terminated (pg_terminate_backend, which makes them revoke their leases): $LOST_END (see the README)."
+    echo
+    echo "## Per-backend memory over lock/unlock cycles in one session"
+    echo
+    echo "| cycles | memory contexts (bytes) | RssAnon (kB) | VmRSS (kB) | elapsed s |"
+    echo "|---|---|---|---|---|"
+    for r in "${MEM_ROWS[@]}"; do
+        read -r cy ctx ra vr el <<<"$r"
+        echo "| $cy | $ctx | $ra | $vr | $el |"
+    done
+    if [ "${#MEM_ROWS[@]}" -ge 2 ]; then
+        read -r cy0 ctx0 ra0 _ _ <<<"${MEM_ROWS[0]}"
+        read -r cy1 ctx1 ra1 _ _ <<<"${MEM_ROWS[-1]}"
+        echo
+        echo "From $cy0 to $cy1 cycles: memory contexts $((ctx1 - ctx0)) bytes, RssAnon $((ra1 - ra0)) kB."
+        if [ "$cy1" -lt "$CYCLES" ]; then
+            echo "Stopped at $cy1 of $CYCLES cycles: the ${MEM_BUDGET} s budget ran out."
+        fi
+    fi
+    echo
+    echo "## CPU time per lock+unlock (ms, user + system)"
+    echo
+    echo "| workload | client process | etcd |"
+    echo "|---|---|---|"
+    echo "| floor, 1 client | ${CLIENTCPU[floor@1]:--} | ${ETCDCPU[floor@1]:--} |"
+    for w in session session1; do
+        [ -n "${ETCDCPU[$w@1]:-}" ] && echo "| $w, 1 client (pgbench; the backend's CPU is not isolated here) | - | ${ETCDCPU[$w@1]} |"
+    done
+    if [ "${#MEM_TICKS[@]}" -ge 2 ]; then
+        read -r mc0 mt0 <<<"${MEM_TICKS[0]}"
+        read -r mc1 mt1 <<<"${MEM_TICKS[-1]}"
+        echo "| memory loop: 1 statement per cycle, psql \\gexec (client process = the backend) | $(awk -v t=$((mt1 - mt0)) -v n=$((mc1 - mc0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t * 1000 / hz / n }') | $(awk -v d=$((mem_e1 - mem_e0)) -v n="$mc1" 'BEGIN { printf "%.3f", d / n }') |"
+    fi
+    echo
+    echo "## Goals"
+    echo
+    echo "The ceiling is the same ratio for the floor itself: what etcd_lock would reach with zero overhead."
+    echo
+    echo "| goal | measured | ceiling | verdict |"
+    echo "|---|---|---|---|"
+    has_level() { case " $LEVELS " in *" $1 "*) return 0 ;; esac; return 1; }
+    if has_level 1; then
+        goal "session lock+unlock ≥ 0.85× floor at 1 client" "$(ratio_at session floor 1)" 0.85 ">=" "1.00x"
+    fi
+    if has_level 8; then
+        goal "session lock+unlock ≥ 0.8× floor at 8 clients" "$(ratio_at session floor 8)" 0.8 ">=" "1.00x"
+    fi
+    goal "session ≥ 1.8× npm etcd3 (at $LEVELS clients)" "$(levels_of session ratio_at npm)" 1.8 ">=" \
+        "$(levels_of floor ratio_at npm)"
+    goal "session ≥ 1.8× Go-style over HTTP (at $LEVELS clients)" "$(levels_of session ratio_at gohttp)" 1.8 ">=" \
+        "$(levels_of floor ratio_at gohttp)"
+    if [ "$HAVE_TLS" -gt 0 ]; then
+        goal "session over TLS ≥ 3× Go-style over TLS (at $LEVELS clients)" "$(levels_of sessiontls ratio_at gotls)" 3 ">=" \
+            "$(levels_of floortls ratio_at gotls)"
+    else
+        goal "session ≥ 3× Go-style over TLS (etcd_lock over HTTP: it has no TLS settings)" "$(levels_of session ratio_at gotls)" 3 ">=" \
+            "$(levels_of floortls ratio_at gotls)"
+    fi
+    goal "contended handoff p50 < 5 ms (ms, at $CONTENDED_LEVELS clients, HTTP)" \
+        "$(for c in $CONTENDED_LEVELS; do echo "${HO_P50[contended@$c]:--}"; done | xargs)" 5 "<"
+    goal "keepalives ≤ 1 per lease per ttl/3, and > 0 (at $SCALE_LOCKS locks held)" \
+        "$(for k in $SCALE_LOCKS; do echo "${SC_KAPER[scale@$k]:--}"; done | xargs)" 1.05 "(0,]"
+    echo
+    echo "The keepalive verdict allows 5% for the edges of the window; 0 means the worker renewed nothing."
+    if [ "$CRASHES" -gt 0 ]; then
+        echo
+        echo "**PostgreSQL crashed $CRASHES time(s) during the run** (each crash restarts the server and ends every session):"
+        echo
+        grep -h 'terminated by signal' "$work"/pg-*/postgres.log | head -n 5 | sed 's/^/    /'
+    fi
+    if [ "${#FAILED[@]}" -gt 0 ]; then
+        echo
+        echo "**Failed:** ${FAILED[*]}"
+    fi
+} >"$report"
+cat "$report"
+echo >&2
+say "report written to $report; $((t_end - t_begin)) s in all, $((t_end - t_installed)) s after package install"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    say "FAILED: ${FAILED[*]}"
+    exit 1
+fi
+exit 0

@@ -97,6 +97,15 @@ static int64 watch_revision;	/* etcd's revision when the watch started */
  * outlives transactions.  NULL until authenticated, or when auth is off.
  */
 static char *auth_token = NULL;
+static bool auth_off = false;	/* etcd said auth is not enabled */
+
+/*
+ * Bumped when the TLS files change.  curl does not compare every TLS option
+ * when it reuses a connection (not the key file), so a multi handle made
+ * before the change is dropped, with its connections.
+ */
+static int	tls_generation = 0;
+static int	backend_tls_generation = 0;
 
 static void
 curl_init_once(void)
@@ -565,10 +574,41 @@ etcd_transfer_result(EtcdTransfer *t, EtcdResult *res)
  */
 
 void
+etcd_tls_changed(void)
+{
+	tls_generation++;
+}
+
+int
+etcd_tls_generation(void)
+{
+	return tls_generation;
+}
+
+/* Drop a multi handle and every connection in its pool. */
+void
+etcd_multi_destroy(EtcdMulti *m)
+{
+	if (m->set)
+		FreeWaitEventSet(m->set);
+	curl_multi_cleanup(m->multi);
+	free(m);
+}
+
+void
 etcd_client_init(void)
 {
+	/* new TLS files: start over, unless a watch is running on the old pool */
+	if (backend_multi != NULL && backend_tls_generation != tls_generation &&
+		!unary->active && !watch->active)
+	{
+		etcd_multi_destroy(backend_multi);
+		backend_multi = etcd_multi_create();
+		backend_tls_generation = tls_generation;
+	}
 	if (backend_multi != NULL)
 		return;
+	backend_tls_generation = tls_generation;
 	backend_multi = etcd_multi_create();
 	unary = etcd_transfer_create();
 	watch = etcd_transfer_create();
@@ -599,6 +639,7 @@ etcd_auth_reset(void)
 {
 	free(auth_token);
 	auth_token = NULL;
+	auth_off = false;
 }
 
 /* One request to one endpoint, without the auth token when with_auth is off. */
@@ -634,7 +675,7 @@ authenticate(int idx, EtcdResult *res)
 	cJSON	   *token;
 	bool		ok;
 
-	if (etcd_lock_user[0] == '\0' || auth_token != NULL)
+	if (etcd_lock_user[0] == '\0' || auth_token != NULL || auth_off)
 		return true;
 	req = cJSON_CreateObject();
 	cJSON_AddStringToObject(req, "name", etcd_lock_user);
@@ -645,7 +686,11 @@ authenticate(int idx, EtcdResult *res)
 	memset(body, 0, strlen(body));
 	pfree(body);
 	if (!ok)
-		return res->kind == ETCD_RES_ERROR && res->grpc_code == 9;
+	{
+		/* "authentication is not enabled": send no token, and stop asking */
+		auth_off = res->kind == ETCD_RES_ERROR && res->grpc_code == 9;
+		return auth_off;
+	}
 	token = cJSON_GetObjectItemCaseSensitive(res->json, "token");
 	if (!cJSON_IsString(token))
 	{
@@ -756,7 +801,7 @@ etcd_auth_ensure(void)
 	EtcdResult	res;
 
 	etcd_client_init();
-	if (etcd_lock_user[0] == '\0' || auth_token != NULL)
+	if (etcd_lock_user[0] == '\0' || auth_token != NULL || auth_off)
 		return;
 	if (!authenticate(preferred_endpoint % etcd_endpoint_count(), &res))
 		etcd_report(LOG, "/v3/auth/authenticate", &res);
@@ -839,6 +884,8 @@ report_transport(int elevel, const char *path, EtcdResult *res, const char *ep)
 		case CURLE_SSL_CONNECT_ERROR:
 		case CURLE_SEND_ERROR:
 		case CURLE_RECV_ERROR:
+		case CURLE_HTTP2:		/* TLS endpoints speak HTTP/2 */
+		case CURLE_HTTP2_STREAM:
 			ereport(elevel,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
 					 errmsg("connection to etcd at %s failed%s", ep, tried),

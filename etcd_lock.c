@@ -116,6 +116,13 @@ check_prefix(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/* new TLS files: pooled connections were made with the old ones */
+static void
+assign_tls(const char *newval, void *extra)
+{
+	etcd_tls_changed();
+}
+
 /* new credentials: authenticate again at the next request */
 static void
 assign_auth(const char *newval, void *extra)
@@ -206,7 +213,7 @@ _PG_init(void)
 							   &etcd_lock_cacert,
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, NULL, NULL);
+							   NULL, assign_tls, NULL);
 
 	DefineCustomStringVariable("etcd_lock.cert",
 							   "Client certificate file presented to etcd (mTLS).",
@@ -214,7 +221,7 @@ _PG_init(void)
 							   &etcd_lock_cert,
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, NULL, NULL);
+							   NULL, assign_tls, NULL);
 
 	DefineCustomStringVariable("etcd_lock.key",
 							   "Private key file of etcd_lock.cert.",
@@ -222,7 +229,7 @@ _PG_init(void)
 							   &etcd_lock_key,
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, NULL, NULL);
+							   NULL, assign_tls, NULL);
 
 	DefineCustomStringVariable("etcd_lock.user",
 							   "etcd user to authenticate as; empty sends no credentials.",
@@ -534,18 +541,23 @@ etcd_endpoint_health(PG_FUNCTION_ARGS)
 		if (ok)
 		{
 			cJSON	   *version = cJSON_GetObjectItemCaseSensitive(res.json, "version");
-			int64		leader = etcd_json_int64(res.json, "leader");
-			int64		member = etcd_json_int64(cJSON_GetObjectItemCaseSensitive(res.json, "header"),
-												 "member_id");
+			cJSON	   *leader = cJSON_GetObjectItemCaseSensitive(res.json, "leader");
+			cJSON	   *member = etcd_json_get(res.json, "header.member_id");
+			bool		has_leader;
 
-			/* a member without a leader cannot serve linearizable requests */
-			values[1] = BoolGetDatum(leader != 0);
-			values[3] = BoolGetDatum(leader != 0 && leader == member);
+			/*
+			 * Member IDs are uint64 and may not fit an int64: compare them as
+			 * the strings etcd sends.  No leader (zero) is left out.
+			 */
+			has_leader = cJSON_IsString(leader) && strcmp(leader->valuestring, "0") != 0;
+			values[1] = BoolGetDatum(has_leader);
+			values[3] = BoolGetDatum(has_leader && cJSON_IsString(member) &&
+									 strcmp(leader->valuestring, member->valuestring) == 0);
 			if (cJSON_IsString(version))
 				values[4] = CStringGetTextDatum(version->valuestring);
 			else
 				nulls[4] = true;
-			if (leader != 0)
+			if (has_leader)
 				nulls[5] = true;
 			else
 				values[5] = CStringGetTextDatum("no leader");

@@ -80,6 +80,8 @@ extern bool etcd_request(const char *path, cJSON *req, EtcdResult *res);
 extern bool etcd_request_endpoint(int idx, const char *path, cJSON *req,
 								  EtcdResult *res);
 extern void etcd_auth_reset(void);
+extern void etcd_tls_changed(void);
+extern int	etcd_tls_generation(void);
 extern void etcd_auth_ensure(void);
 extern cJSON *etcd_call(const char *path, cJSON *req);
 extern void etcd_report(int elevel, const char *path, EtcdResult *res);
@@ -96,6 +98,7 @@ extern int64 etcd_watch_revision(void);
 
 /* multi driver, shared by backends and the worker */
 extern EtcdMulti *etcd_multi_create(void);
+extern void etcd_multi_destroy(EtcdMulti *m);
 extern EtcdTransfer *etcd_transfer_create(void);
 extern void etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
 								const char *body, long timeout_ms);

@@ -44,6 +44,7 @@ static KeepaliveState *ka;
 static EtcdMulti *multi;
 static int	preferred = 0;
 static int	in_flight = 0;
+static int	tls_generation = 0;	/* of the TLS files multi's pool was made with */
 
 void
 etcd_worker_register(void)
@@ -77,9 +78,25 @@ finish_keepalive(int i)
 	etcd_transfer_stop(multi, k->transfer);
 	k->in_flight = false;
 	in_flight--;
-	if (ok)
-		ttl = etcd_json_int64(cJSON_GetObjectItemCaseSensitive(res.json, "result"), "TTL");
-	else
+	if (ok && !k->revoking)
+	{
+		cJSON	   *result = cJSON_GetObjectItemCaseSensitive(res.json, "result");
+
+		/*
+		 * Only etcd's own answer can say a lease is gone: a result with a
+		 * header and no TTL.  Anything else is a failed keepalive, retried.
+		 */
+		if (!cJSON_IsObject(result) ||
+			!cJSON_IsObject(cJSON_GetObjectItemCaseSensitive(result, "header")))
+		{
+			ok = false;
+			res.kind = ETCD_RES_PROTOCOL;
+			res.error = pstrdup("keepalive answer without a result header");
+		}
+		else
+			ttl = etcd_json_int64(result, "TTL");
+	}
+	if (!ok)
 	{
 		etcd_stat_add(failures, 1);
 		if (res.http_status == 401)
@@ -239,6 +256,27 @@ etcd_lock_worker_main(Datum arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		/* new TLS files: drop the pool made with the old ones */
+		if (tls_generation != etcd_tls_generation())
+		{
+			for (i = 0; i < etcd_lock_max_locks; i++)
+			{
+				if (!ka[i].in_flight)
+					continue;
+				etcd_transfer_stop(multi, ka[i].transfer);
+				ka[i].in_flight = false;
+				in_flight--;
+				/* retried at once, on the new pool */
+				LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+				if (etcd_shared->leases[i].lease_id == ka[i].lease_id)
+					etcd_shared->leases[i].next_keepalive = GetCurrentTimestamp();
+				LWLockRelease(etcd_shared->lock);
+			}
+			etcd_multi_destroy(multi);
+			multi = etcd_multi_create();
+			tls_generation = etcd_tls_generation();
 		}
 
 		for (i = 0; i < etcd_lock_max_locks; i++)

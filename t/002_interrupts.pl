@@ -21,51 +21,6 @@ my $PROMPT = 10;
 my $etcd = EtcdServer->new(name => 'interrupts');
 my $node = EtcdServer::pg_node('interrupts', $etcd->url);
 
-# Lease IDs in etcd, in the handle's spelling: `etcdctl lease list` pads
-# them to 16 hex digits, handles (like etcd's lock recipe) do not.
-sub leases
-{
-	return map { (my $l = lc $_) =~ s/^0+(?=.)//; $l } $etcd->leases;
-}
-
-# Issue a statement in a background session without waiting for its end.
-# Markers on both stdout and stderr tell later when it has finished.
-sub start_statement
-{
-	my ($s, $sql) = @_;
-	$s->{stdout} = '';
-	$s->{stderr} = '';
-	$s->query_until(qr/statement started\n/,
-		"\\echo statement started\n$sql\n\\echo statement ended\n\\warn statement ended\n");
-	return;
-}
-
-# Wait (polling, at most $limit seconds) for the statement's end; returns
-# whether it ended, its stdout and its stderr.
-sub finish_statement
-{
-	my ($s, $limit) = @_;
-	my $end = time + $limit;
-	my $done = 0;
-	while (1)
-	{
-		$s->{run}->pump_nb;
-		if ($s->{stdout} =~ /statement ended\n/ && $s->{stderr} =~ /statement ended\n/)
-		{
-			$done = 1;
-			last;
-		}
-		last if time > $end || !$s->{run}->pumpable;
-		usleep(10_000);
-	}
-	my ($out, $err) = ($s->{stdout}, $s->{stderr});
-	$s->{stdout} = '';
-	$s->{stderr} = '';
-	$out =~ s/statement ended\n//;
-	$err =~ s/statement ended\n//;
-	return ($done, $out, $err);
-}
-
 # Poll (bounded: a timeout case only waits a few seconds) until the session
 # shows up as waiting in etcd_locks.
 sub wait_for_waiter
@@ -89,8 +44,8 @@ my $sa = $node->background_psql('postgres');
 my $a_pid = $sa->query_safe('SELECT pg_backend_pid()');
 my $ha = $sa->query_safe(q{SELECT etcd_lock('busy')});
 like($ha, qr{^etcd_lock/busy/[0-9a-f]+$}, 'session A holds "busy"');
-my ($a_lease) = $ha =~ m{/([0-9a-f]+)$};
-is_deeply([ leases() ], [$a_lease], "etcd has one lease, A's");
+my $a_lease = EtcdServer::lease_of($ha);
+is_deeply([ $etcd->leases ], [$a_lease], "etcd has one lease, A's");
 
 # Session B keeps going after errors and prints SQLSTATEs.
 my $sb = $node->background_psql('postgres', on_error_stop => 0);
@@ -124,7 +79,7 @@ sub check_clean
 
 	is_deeply([ $etcd->keys('etcd_lock/busy/') ], [$ha],
 		"$what: only A's key is left under busy/");
-	my @leases = leases();
+	my @leases = $etcd->leases;
 	is_deeply([ sort @leases ], [ sort($a_lease, @b_leases) ],
 		"$what: no lease left for the abandoned wait")
 	  or diag_leases(grep { my $l = $_; !grep { $_ eq $l } ($a_lease, @b_leases) } @leases);
@@ -154,17 +109,17 @@ sub check_clean
 sub reset_b
 {
 	$sb->query_safe('SELECT etcd_unlock_all()');
-	is_deeply([ leases() ], [$a_lease], 'B has no lease left before the next case');
+	is_deeply([ $etcd->leases ], [$a_lease], 'B has no lease left before the next case');
 	return;
 }
 
 # (a) pg_cancel_backend
-start_statement($sb, q{SELECT etcd_lock('busy');});
+EtcdServer::start_statement($sb, q{SELECT etcd_lock('busy');});
 wait_for_waiter($b_pid, 'cancel');
 is(scalar($etcd->keys('etcd_lock/busy/')), 2, 'cancel: the waiter has its own key in etcd');
 my $t0 = time;
 is($node->safe_psql('postgres', "SELECT pg_cancel_backend($b_pid)"), 't', 'cancel sent');
-my ($done, $out, $err) = finish_statement($sb, $PROMPT);
+my ($done, $out, $err) = EtcdServer::finish_statement($sb, $PROMPT);
 my $elapsed = time - $t0;
 ok($done, 'cancel: the wait ended');
 like($err, qr/ERROR:  57014: canceling statement due to user request/,
@@ -177,9 +132,9 @@ reset_b();
 # (b) statement_timeout
 $sb->query_safe(q{SET statement_timeout = '3s'});
 $t0 = time;
-start_statement($sb, q{SELECT etcd_lock('busy');});
+EtcdServer::start_statement($sb, q{SELECT etcd_lock('busy');});
 wait_for_waiter($b_pid, 'statement_timeout');
-($done, $out, $err) = finish_statement($sb, 3 + $PROMPT);
+($done, $out, $err) = EtcdServer::finish_statement($sb, 3 + $PROMPT);
 $elapsed = time - $t0;
 ok($done, 'statement_timeout: the wait ended');
 like($err, qr/ERROR:  57014: canceling statement due to statement timeout/,
@@ -194,9 +149,9 @@ reset_b();
 # (c) lock_timeout
 $sb->query_safe(q{SET lock_timeout = '3s'});
 $t0 = time;
-start_statement($sb, q{SELECT etcd_lock('busy');});
+EtcdServer::start_statement($sb, q{SELECT etcd_lock('busy');});
 wait_for_waiter($b_pid, 'lock_timeout');
-($done, $out, $err) = finish_statement($sb, 3 + $PROMPT);
+($done, $out, $err) = EtcdServer::finish_statement($sb, 3 + $PROMPT);
 $elapsed = time - $t0;
 ok($done, 'lock_timeout: the wait ended');
 like($err, qr/ERROR:  55P03: canceling statement due to lock timeout/,
@@ -210,9 +165,9 @@ reset_b();
 
 # (d) etcd_try_lock whose wait interval runs out: NULL, no error
 $t0 = time;
-start_statement($sb, q{SELECT etcd_try_lock('busy', NULL, '2 s') IS NULL AS got_null;});
+EtcdServer::start_statement($sb, q{SELECT etcd_try_lock('busy', NULL, '2 s') IS NULL AS got_null;});
 wait_for_waiter($b_pid, 'try_lock');
-($done, $out, $err) = finish_statement($sb, 2 + $PROMPT);
+($done, $out, $err) = EtcdServer::finish_statement($sb, 2 + $PROMPT);
 $elapsed = time - $t0;
 ok($done, 'try_lock: the wait ended');
 is($out, "t\n", 'try_lock: NULL when the wait interval runs out');
@@ -226,11 +181,11 @@ reset_b();
 # (e) a cancelled wait must not take B's other lock with it: both ride on the
 # same lease (same ttl), so the lease stays and only the waiter key goes.
 my $hb = $sb->query_safe(q{SELECT etcd_lock('mine')});
-my ($b_lease) = $hb =~ m{/([0-9a-f]+)$};
-start_statement($sb, q{SELECT etcd_lock('busy');});
+my $b_lease = EtcdServer::lease_of($hb);
+EtcdServer::start_statement($sb, q{SELECT etcd_lock('busy');});
 wait_for_waiter($b_pid, 'cancel with another lock');
 is($node->safe_psql('postgres', "SELECT pg_cancel_backend($b_pid)"), 't', 'second cancel sent');
-($done, $out, $err) = finish_statement($sb, $PROMPT);
+($done, $out, $err) = EtcdServer::finish_statement($sb, $PROMPT);
 ok($done, 'cancel with another lock: the wait ended');
 like($err, qr/ERROR:  57014: canceling statement due to user request/,
 	'cancel with another lock: SQLSTATE 57014');
@@ -244,7 +199,7 @@ $sb->quit;
 $sa->quit;
 ok($etcd->poll_until('no key left', sub { scalar($etcd->keys('etcd_lock/')) == 0 }),
 	'no key left in etcd at the end');
-ok($etcd->poll_until('no lease left', sub { scalar(leases()) == 0 }),
+ok($etcd->poll_until('no lease left', sub { scalar($etcd->leases) == 0 }),
 	'no lease left in etcd at the end');
 
 $node->stop;

@@ -23,24 +23,10 @@ my $etcd = EtcdServer->new(name => 'session_end');
 # the test framework turns restart_after_crash off; (c) needs it on
 my $node = EtcdServer::pg_node('session_end', $etcd->url, "restart_after_crash = on\n");
 
-# Lease IDs in etcd, in the handle's spelling: `etcdctl lease list` pads
-# them to 16 hex digits, handles (like etcd's lock recipe) do not.
-sub leases
-{
-	return map { (my $l = lc $_) =~ s/^0+(?=.)//; $l } $etcd->leases;
-}
-
-sub lease_of
-{
-	my ($handle) = @_;
-	my ($lease) = $handle =~ m{/([0-9a-f]+)$};
-	return $lease;
-}
-
 sub has_lease
 {
 	my ($lease) = @_;
-	return scalar grep { $_ eq $lease } leases();
+	return scalar grep { $_ eq $lease } $etcd->leases;
 }
 
 # A background session that the server ended: reap its psql.
@@ -51,40 +37,15 @@ sub reap
 	return;
 }
 
-# Poll a query until it returns $expected, for at most $bound seconds; a
-# condition that should hold soon fails in $bound, not in the 180 s default.
-sub poll_sql
-{
-	my ($sql, $expected, $bound) = @_;
-	$bound //= $RELEASE_BOUND;
-	my $end = time + $bound;
-	my $got;
-	while (1)
-	{
-		$got = $node->safe_psql('postgres', $sql);
-		return 1 if $got eq $expected;
-		last if time > $end;
-		usleep(100_000);
-	}
-	diag "poll_sql: gave up after $bound s on: $sql\nexpected: $expected\nlast got: $got";
-	return 0;
-}
-
-sub stat_value
-{
-	my ($col) = @_;
-	return $node->safe_psql('postgres', "SELECT $col FROM etcd_lock_stats");
-}
-
 # ---------------------------------------------------------------------------
 # (a) renewal: a ttl-2 lock stays held while its session idles for 10 s
 # ---------------------------------------------------------------------------
 my $s1 = $node->background_psql('postgres');
 my $s1_pid = $s1->query_safe('SELECT pg_backend_pid()');
-my $ka0 = stat_value('keepalives');
+my $ka0 = EtcdServer::stat_value($node, 'keepalives');
 my $h1 = $s1->query_safe(q{SELECT etcd_lock('renew', 2)});
 like($h1, qr{^etcd_lock/renew/[0-9a-f]+$}, 'renewal: ttl-2 lock taken');
-my $l1 = lease_of($h1);
+my $l1 = EtcdServer::lease_of($h1);
 like($etcd->etcdctl('lease', 'timetolive', $l1), qr/granted with TTL\(2s\)/,
 	'renewal: etcd granted a 2 s lease');
 
@@ -101,7 +62,7 @@ cmp_ok($checks, '>=', 10, "renewal: checked the key $checks times over 10 s");
 is($missing, 0, 'renewal: the key was in etcd at every check over 10 s (5 TTLs)');
 like($etcd->etcdctl('lease', 'timetolive', $l1), qr/remaining\([12]s\)/,
 	'renewal: the lease is still alive after 10 s');
-my $ka1 = stat_value('keepalives');
+my $ka1 = EtcdServer::stat_value($node, 'keepalives');
 note "keepalives over the idle period: " . ($ka1 - $ka0);
 # at ttl/3 that is ~15 keepalives; ask for a fraction of it
 cmp_ok($ka1 - $ka0, '>=', 5, 'renewal: etcd_lock_stats.keepalives grew');
@@ -116,7 +77,7 @@ is(scalar($etcd->keys('etcd_lock/renew/')), 0, 'renewal: unlock deleted the key'
 
 # normal end (\q) while holding; $s1 still has its ttl-2 lease cached
 my $h2 = $s1->query_safe(qq{SELECT etcd_lock('quit', $LONG_TTL)});
-my $l2 = lease_of($h2);
+my $l2 = EtcdServer::lease_of($h2);
 ok(has_lease($l2), 'quit: the lock has its lease in etcd');
 $s1->quit;
 ok( $etcd->poll_until('quit: key gone',
@@ -124,14 +85,15 @@ ok( $etcd->poll_until('quit: key gone',
 	'quit: the key is gone from etcd');
 ok($etcd->poll_until('quit: leases gone', sub { !has_lease($l2) && !has_lease($l1) }, $RELEASE_BOUND),
 	'quit: the session\'s leases are revoked, the idle one included');
-ok( poll_sql(qq{SELECT count(*) FROM etcd_locks WHERE pid = $s1_pid}, '0'),
+ok( EtcdServer::poll_sql($node,
+		qq{SELECT count(*) FROM etcd_locks WHERE pid = $s1_pid}, '0', $RELEASE_BOUND),
 	'quit: no etcd_locks row left');
 
 # pg_terminate_backend while holding
 my $s3 = $node->background_psql('postgres');
 my $s3_pid = $s3->query_safe('SELECT pg_backend_pid()');
 my $h3 = $s3->query_safe(qq{SELECT etcd_lock('term-held', $LONG_TTL)});
-my $l3 = lease_of($h3);
+my $l3 = EtcdServer::lease_of($h3);
 is_deeply([ $etcd->keys('etcd_lock/term-held/') ], [$h3], 'terminate holder: key in etcd');
 is($node->safe_psql('postgres', "SELECT pg_terminate_backend($s3_pid)"), 't',
 	'terminate holder: signal sent');
@@ -140,7 +102,8 @@ ok( $etcd->poll_until('terminate holder: key gone',
 	'terminate holder: the key is gone from etcd');
 ok($etcd->poll_until('terminate holder: lease gone', sub { !has_lease($l3) }, $RELEASE_BOUND),
 	'terminate holder: the lease is revoked');
-ok( poll_sql(qq{SELECT count(*) FROM etcd_locks WHERE pid = $s3_pid}, '0'),
+ok( EtcdServer::poll_sql($node,
+		qq{SELECT count(*) FROM etcd_locks WHERE pid = $s3_pid}, '0', $RELEASE_BOUND),
 	'terminate holder: no etcd_locks row left');
 reap($s3);
 
@@ -148,14 +111,15 @@ reap($s3);
 my $s4 = $node->background_psql('postgres');
 my $s4_pid = $s4->query_safe('SELECT pg_backend_pid()');
 my $h4 = $s4->query_safe(qq{SELECT etcd_lock('term-wait', $LONG_TTL)});
-my $l4 = lease_of($h4);
+my $l4 = EtcdServer::lease_of($h4);
 my $s5 = $node->background_psql('postgres');
 my $s5_pid = $s5->query_safe('SELECT pg_backend_pid()');
 $s5->query_until(qr/waiting/, qq{
 \\echo waiting
 SELECT etcd_lock('term-wait', $LONG_TTL);
 });
-ok( poll_sql(qq{SELECT count(*) FROM etcd_locks WHERE pid = $s5_pid AND state = 'waiting'}, '1'),
+ok( EtcdServer::poll_sql($node,
+		qq{SELECT count(*) FROM etcd_locks WHERE pid = $s5_pid AND state = 'waiting'}, '1', $RELEASE_BOUND),
 	'terminate waiter: it waits');
 my $l5 = sprintf('%x',
 	$node->safe_psql('postgres', qq{SELECT lease_id FROM etcd_locks WHERE pid = $s5_pid}));
@@ -171,7 +135,8 @@ ok( $etcd->poll_until('terminate waiter: waiter key gone',
 ok($etcd->poll_until('terminate waiter: lease gone', sub { !has_lease($l5) }, $RELEASE_BOUND),
 	'terminate waiter: the waiter\'s lease is revoked');
 ok(has_lease($l4), 'terminate waiter: the holder\'s lease stays');
-ok( poll_sql(qq{SELECT count(*) FROM etcd_locks WHERE pid = $s5_pid}, '0'),
+ok( EtcdServer::poll_sql($node,
+		qq{SELECT count(*) FROM etcd_locks WHERE pid = $s5_pid}, '0', $RELEASE_BOUND),
 	'terminate waiter: no etcd_locks row left')
   or diag "left in etcd_locks for the terminated waiter:\n"
   . $node->safe_psql('postgres', qq{SELECT * FROM etcd_locks WHERE pid = $s5_pid})
@@ -195,7 +160,7 @@ is($node->safe_psql('postgres', 'SELECT 1'), '1', 'the server still answers');
 my $s6 = $node->background_psql('postgres');
 my $s6_pid = $s6->query_safe('SELECT pg_backend_pid()');
 my $h6 = $s6->query_safe(q{SELECT etcd_lock('killed', 2)});
-my $l6 = lease_of($h6);
+my $l6 = EtcdServer::lease_of($h6);
 is_deeply([ $etcd->keys('etcd_lock/killed/') ], [$h6], 'SIGKILL: the lock is in etcd');
 my $log_offset = -s $node->logfile;
 $t0 = time;
@@ -218,7 +183,7 @@ my $h7 = $node->safe_psql('postgres', q{SELECT etcd_try_lock('killed')});
 like($h7, qr{^etcd_lock/killed/[0-9a-f]+$}, 'SIGKILL: another session acquires the lock');
 ok( $etcd->poll_until('no key left', sub { scalar($etcd->keys('etcd_lock/')) == 0 }, $RELEASE_BOUND),
 	'SIGKILL: that session ended and released it');
-ok($etcd->poll_until('no lease left', sub { scalar(leases()) == 0 }, $RELEASE_BOUND),
+ok($etcd->poll_until('no lease left', sub { scalar($etcd->leases) == 0 }, $RELEASE_BOUND),
 	'no lease left in etcd');
 $node->stop;
 
@@ -254,7 +219,7 @@ SKIP:
 }
 is($plain->safe_psql('postgres', 'SELECT 1'), '1', 'no preload: the server still answers');
 is(scalar($etcd->keys('x')), 0, 'no preload: nothing written to etcd');
-is(scalar(leases()), 0, 'no preload: no lease granted');
+is(scalar($etcd->leases), 0, 'no preload: no lease granted');
 unlike(slurp_file($plain->logfile), qr/terminated by signal/, 'no preload: no crash');
 $plain->stop;
 

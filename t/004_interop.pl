@@ -66,16 +66,6 @@ sub wait_exit
 	return 0;
 }
 
-# Issue a statement without waiting for its end (see 002_interrupts.pl).
-sub start_statement
-{
-	my ($s, $sql) = @_;
-	$s->{stdout} = '';
-	$s->{stderr} = '';
-	$s->query_until(qr/statement started\n/, "\\echo statement started\n$sql\n");
-	return;
-}
-
 # Poll until a background psql's stdout matches.
 sub wait_psql_output
 {
@@ -88,22 +78,6 @@ sub wait_psql_output
 		usleep(20_000);
 	}
 	return $bg->{stdout} =~ $re ? 1 : 0;
-}
-
-sub poll_sql
-{
-	my ($sql, $expected) = @_;
-	my $end = time + $BOUND;
-	my $got;
-	while (1)
-	{
-		$got = $node->safe_psql('postgres', $sql);
-		return 1 if $got eq $expected;
-		last if time > $end;
-		usleep(50_000);
-	}
-	diag "poll_sql: gave up on: $sql\nexpected: $expected\nlast got: $got";
-	return 0;
 }
 
 my $s = $node->background_psql('postgres');
@@ -127,9 +101,11 @@ is($s->query_safe(q{SELECT etcd_try_lock('interop-a', NULL, '300 ms') IS NULL}),
 	'etcd_try_lock with a wait returns NULL while etcdctl holds');
 is_deeply([ $etcd->keys('interop-a/') ], [$ctl_key], 'the failed timed try left no key');
 
-start_statement($s, q{SELECT etcd_lock('interop-a') AS h \gset
-\echo acquired :h});
-ok(poll_sql(qq{SELECT state FROM etcd_locks WHERE pid = $pid AND key = 'interop-a'}, 'waiting'),
+# no end markers: the session goes on with query_safe, which wants no stderr
+EtcdServer::start_statement($s, q{SELECT etcd_lock('interop-a') AS h \gset
+\echo acquired :h}, end_markers => 0);
+ok( EtcdServer::poll_sql($node,
+		qq{SELECT state FROM etcd_locks WHERE pid = $pid AND key = 'interop-a'}, 'waiting', $BOUND),
 	'etcd_lock waits while etcdctl holds (etcd_locks: waiting)');
 my $lease_a =
   sprintf('%x', $node->safe_psql('postgres', qq{SELECT lease_id FROM etcd_locks WHERE pid = $pid}));
@@ -164,7 +140,7 @@ my $lease_hex = sprintf('%x', $lease_id);
 like($hb, qr{^interop-b/[1-9a-f][0-9a-f]*$},
 	'the key layout is NAME/<lower-case hex, no padding>, as etcd\'s recipe');
 is($hb, "interop-b/$lease_hex", 'the hex in the key is etcd_locks.lease_id');
-ok((grep { (my $l = lc $_) =~ s/^0+//; $l eq $lease_hex } $etcd->leases),
+ok((grep { $_ eq $lease_hex } $etcd->leases),
 	'that lease exists in etcd');
 like($etcd->etcdctl('lease', 'timetolive', '--keys', $lease_hex), qr/\Q$hb\E/,
 	'the key is attached to that lease');
@@ -202,7 +178,7 @@ $s->quit;
 # leases must go at once with the session.
 my %pg_leases = map { $_ => 1 } ($lease_a, $lease_hex);
 ok( $etcd->poll_until('PostgreSQL leases revoked',
-		sub { !grep { (my $l = lc $_) =~ s/^0+//; $pg_leases{$l} } $etcd->leases }, $BOUND),
+		sub { !grep { $pg_leases{$_} } $etcd->leases }, $BOUND),
 	"PostgreSQL's leases are revoked when its session ends");
 is(scalar($etcd->keys('interop-')), 0, 'no key left in etcd');
 is($node->safe_psql('postgres', 'SELECT 1'), '1', 'the server still answers');

@@ -21,19 +21,6 @@ my $BOUND = 10;
 my $etcd = EtcdServer->new(name => 'outage');
 my $node = EtcdServer::pg_node('outage', $etcd->url);
 
-# Lease IDs in the handle's spelling (etcdctl pads them to 16 digits).
-sub leases
-{
-	return map { (my $l = lc $_) =~ s/^0+(?=.)//; $l } $etcd->leases;
-}
-
-sub lease_of
-{
-	my ($handle) = @_;
-	my ($lease) = $handle =~ m{/([0-9a-f]+)$};
-	return $lease;
-}
-
 # A process's state from /proc (Linux): 'T' once every one of its threads
 # has stopped, else the state letter of a thread that has not.
 sub proc_state
@@ -52,12 +39,6 @@ sub proc_state
 	return 'T';
 }
 
-sub stat_value
-{
-	my ($col) = @_;
-	return $node->safe_psql('postgres', "SELECT $col FROM etcd_lock_stats");
-}
-
 # Run one statement in a background session and wait for its end (polling,
 # at most $limit seconds); returns whether it ended, stdout, stderr, seconds.
 sub run_statement
@@ -67,26 +48,8 @@ sub run_statement
 	$s->{stderr} = '';
 	my $t0 = time;
 	$s->{stdin} .= "$sql\n\\echo statement ended\n\\warn statement ended\n";
-	my $end = $t0 + $limit;
-	my $done = 0;
-	while (1)
-	{
-		$s->{run}->pump_nb;
-		if ($s->{stdout} =~ /statement ended\n/ && $s->{stderr} =~ /statement ended\n/)
-		{
-			$done = 1;
-			last;
-		}
-		last if time > $end || !$s->{run}->pumpable;
-		usleep(10_000);
-	}
-	my $elapsed = time - $t0;
-	my ($out, $err) = ($s->{stdout}, $s->{stderr});
-	$s->{stdout} = '';
-	$s->{stderr} = '';
-	$out =~ s/statement ended\n//;
-	$err =~ s/statement ended\n//;
-	return ($done, $out, $err, $elapsed);
+	my ($done, $out, $err) = EtcdServer::finish_statement($s, $limit);
+	return ($done, $out, $err, time - $t0);
 }
 
 sub server_ok
@@ -111,11 +74,11 @@ for my $sig ('KILL', 'TERM')
 	my $what = "etcd stopped by SIG$sig";
 
 	my $hk = $h->query_safe(qq{SELECT etcd_lock('kept-$sig', 4)});
-	my $hk_lease = lease_of($hk);
+	my $hk_lease = EtcdServer::lease_of($hk);
 	is_deeply([ $etcd->keys("etcd_lock/kept-$sig/") ], [$hk], "$what: H holds kept-$sig");
 
 	$etcd->stop($sig);
-	my $failures0 = stat_value('failures');
+	my $failures0 = EtcdServer::stat_value($node, 'failures');
 
 	# S, which has a lease already: the lock request itself fails
 	my ($done, $out, $err, $elapsed) = run_statement($s, q{SELECT etcd_lock('x');}, $BOUND);
@@ -139,13 +102,15 @@ for my $sig ('KILL', 'TERM')
 	  . sprintf(' after %.3f s', time - $t0);
 
 	server_ok($what);
-	cmp_ok(stat_value('failures'), '>', $failures0, "$what: etcd_lock_stats.failures grew");
+	cmp_ok(EtcdServer::stat_value($node, 'failures'), '>', $failures0,
+		"$what: etcd_lock_stats.failures grew");
 	is($node->safe_psql('postgres', qq{SELECT count(*) FROM etcd_locks WHERE pid <> $h_pid}),
 		'0', "$what: the failed calls left no row in etcd_locks");
 	is($node->safe_psql('postgres',
 			qq{SELECT state FROM etcd_locks WHERE pid = $h_pid AND key = 'kept-$sig'}),
 		'held', "$what: H's lock still shows held");
-	is(stat_value('leases'), '1', "$what: only H's lease is still renewed by this server");
+	is(EtcdServer::stat_value($node, 'leases'), '1',
+		"$what: only H's lease is still renewed by this server");
 
 	# etcd comes back with the same data directory
 	$etcd->start;
@@ -155,9 +120,9 @@ for my $sig ('KILL', 'TERM')
 		"$what: the failed calls left no key in etcd");
 
 	# H's lease is renewed again: keepalives go on and it does not expire
-	my $ka0 = stat_value('keepalives');
-	ok($etcd->poll_until("$what: keepalives resume", sub { stat_value('keepalives') >= $ka0 + 2 },
-			$BOUND),
+	my $ka0 = EtcdServer::stat_value($node, 'keepalives');
+	ok( $etcd->poll_until("$what: keepalives resume",
+			sub { EtcdServer::stat_value($node, 'keepalives') >= $ka0 + 2 }, $BOUND),
 		"$what: the worker keeps renewing H's lease");
 	like($etcd->etcdctl('lease', 'timetolive', $hk_lease), qr/remaining\([1-4]s\)/,
 		"$what: H's lease is alive in etcd");
@@ -186,8 +151,8 @@ for my $sig ('KILL', 'TERM')
 	# txn itself; a short ttl bounds how long anything etcd applies after it
 	# wakes up can live.
 	is($s->query_safe(q{SELECT etcd_unlock(etcd_lock('p', 3))}), 't', "$what: S warms a ttl-3 lease");
-	my $leases0 = stat_value('leases');
-	my $failures0 = stat_value('failures');
+	my $leases0 = EtcdServer::stat_value($node, 'leases');
+	my $failures0 = EtcdServer::stat_value($node, 'failures');
 
 	# SIGSTOP takes effect asynchronously: wait until etcd is really stopped,
 	# and check afterwards that nobody resumed it during the call.
@@ -207,11 +172,13 @@ for my $sig ('KILL', 'TERM')
 	note "  $_" for grep { /ERROR|DETAIL|WARNING|CONTEXT/ } split /\n/, $err;
 	cmp_ok($elapsed, '>=', 0.9, "$what: it waited for the request timeout (1 s)");
 	cmp_ok($elapsed, '<', $BOUND, "$what: within a bounded time");
-	cmp_ok(stat_value('failures'), '>', $failures0, "$what: etcd_lock_stats.failures grew");
+	cmp_ok(EtcdServer::stat_value($node, 'failures'), '>', $failures0,
+		"$what: etcd_lock_stats.failures grew");
 	server_ok($what);
 	is($node->safe_psql('postgres', q{SELECT count(*) FROM etcd_locks}), '0',
 		"$what: no row left in etcd_locks");
-	is(stat_value('leases'), $leases0 - 1, "$what: S's lease is no longer renewed by this server");
+	is(EtcdServer::stat_value($node, 'leases'), $leases0 - 1,
+		"$what: S's lease is no longer renewed by this server");
 
 	# etcd may still apply the frozen txn when it wakes up, after the revoke
 	# that should have undone it failed: such a key lives until its lease,
@@ -233,7 +200,7 @@ $s->quit;
 $h->quit;
 ok($etcd->poll_until('no key left', sub { scalar($etcd->keys('etcd_lock/')) == 0 }, $BOUND),
 	'no key left in etcd at the end');
-is(stat_value('leases'), '0', 'this server renews no lease at the end');
+is(EtcdServer::stat_value($node, 'leases'), '0', 'this server renews no lease at the end');
 server_ok('at the end');
 
 $node->stop;

@@ -50,8 +50,7 @@ INSERT INTO kv VALUES (1, 0);
 # verbose form (ERROR:  SQLSTATE: message).
 sub session
 {
-	my $s = $node->background_psql('postgres', on_error_stop => 0);
-	$s->query_safe('\set VERBOSITY verbose');
+	my $s = EtcdServer::session($node);
 	$s->{pid} = $s->query_safe('SELECT pg_backend_pid()');
 	return $s;
 }
@@ -99,8 +98,6 @@ sub poll_sql
 	return 0;
 }
 
-sub lease_of { my ($h) = @_; my ($l) = $h =~ m{/([0-9a-f]+)$}; return $l; }
-
 sub keys_of { my ($name) = @_; return [ $etcd->keys("etcd_lock/$name/") ]; }
 
 sub no_crash
@@ -129,7 +126,7 @@ my $s2 = session();
 ok_sql($s1, 'BEGIN');
 my $h = ok_sql($s1, q{SELECT etcd_xact_lock('revoked', 61)});
 like($h, qr{^etcd_lock/revoked/[0-9a-f]+$}, '(a) the transaction holds "revoked"');
-my $lease = lease_of($h);
+my $lease = EtcdServer::lease_of($h);
 is(sprintf('%x', $node->safe_psql('postgres',
 			q{SELECT lease_id FROM etcd_locks WHERE key = 'revoked'})),
 	$lease, '(a) etcd_locks.lease_id is the lease in the handle');
@@ -152,12 +149,12 @@ no_crash('(a)');
 ok_sql($s1, 'BEGIN');
 my $h2 = ok_sql($s1, q{SELECT etcd_xact_lock('revoked', 61)});
 like($h2, qr{^etcd_lock/revoked/[0-9a-f]+$}, '(a) the session locks again');
-isnt(lease_of($h2), $lease, '(a) on a new lease');
+isnt(EtcdServer::lease_of($h2), $lease, '(a) on a new lease');
 ok_sql($s1, q{INSERT INTO t VALUES (1, 'written after relocking')});
 ok_sql($s1, 'COMMIT');
 is(row_count(1), '1', '(a) the retried transaction committed');
 is_deeply(keys_of('revoked'), [], '(a) COMMIT released the new key');
-is_deeply([ $etcd->leases ], [ lease_of($h2) ],
+is_deeply([ $etcd->leases ], [ EtcdServer::lease_of($h2) ],
 	'(a) etcd has only the new lease, which the session keeps for reuse');
 is($node->safe_psql('postgres', 'SELECT leases FROM etcd_lock_stats'), '1',
 	'(a) the server renews only that lease');
@@ -167,7 +164,7 @@ is($node->safe_psql('postgres', 'SELECT leases FROM etcd_lock_stats'), '1',
 # the lease is fine, so the worker never notices: only the commit check can
 ok_sql($s1, 'BEGIN');
 $h = ok_sql($s1, q{SELECT etcd_xact_lock('deleted', 61)});
-is(lease_of($h), lease_of($h2), "(a') the session reuses its lease");
+is(EtcdServer::lease_of($h), EtcdServer::lease_of($h2), "(a') the session reuses its lease");
 ok_sql($s1, q{INSERT INTO t VALUES (2, 'written after the key was deleted')});
 $etcd->etcdctl('del', $h);
 ($out, $err, $state) = run_sql($s1, 'COMMIT');
@@ -399,7 +396,7 @@ sub doom
 	ok_sql($s1, 'BEGIN');
 	my $h = ok_sql($s1, qq{SELECT etcd_xact_lock('$name', 2)});
 	ok_sql($s1, qq{INSERT INTO t VALUES ($id, 'doomed')});
-	my $lease = lease_of($h);
+	my $lease = EtcdServer::lease_of($h);
 	$etcd->etcdctl('lease', 'revoke', $lease);
 	ok(poll_sql(qq{
 SELECT state = 'lost' FROM etcd_locks WHERE key = '$name' AND pid = $s1->{pid}}),
@@ -440,7 +437,7 @@ is($node->safe_psql('postgres', 'SELECT leases FROM etcd_lock_stats'), $leases_b
 	'(d) the server no longer renews the lost lease');
 ok_sql($s1, 'BEGIN');
 $h = ok_sql($s1, q{SELECT etcd_xact_lock('doomed', 2)});
-isnt(lease_of($h), $lease, '(d) the session locks again, on a new lease');
+isnt(EtcdServer::lease_of($h), $lease, '(d) the session locks again, on a new lease');
 ok_sql($s1, q{INSERT INTO t VALUES (5, 'after the doomed one')});
 ok_sql($s1, 'COMMIT');
 is(row_count(5), '1', '(d) and commits');

@@ -37,20 +37,11 @@ my $good = {
 my $node = EtcdServer::pg_node('tls', $etcd->url, join('',
 		map { "$_ = '$good->{$_}'\n" } sort keys %$good));
 
-sub no_leftovers
-{
-	my ($what) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	is_deeply([ $etcd->keys('etcd_lock/') ], [], "$what: no key left in etcd");
-	is_deeply([ $etcd->leases ], [], "$what: no lease left in etcd");
-	return;
-}
-
 # ---------------------------------------------------------------------------
 # Success path
 # ---------------------------------------------------------------------------
-my $s1 = EtcdCluster::session($node);
-my $s2 = EtcdCluster::session($node);
+my $s1 = EtcdServer::session($node);
+my $s2 = EtcdServer::session($node);
 my $s1_pid = $s1->query_safe('SELECT pg_backend_pid()');
 
 is($s1->query_safe('SHOW etcd_lock.cacert'), $pki->{ca}, 'superuser sees etcd_lock.cacert');
@@ -97,7 +88,7 @@ is($health, $etcd->url . '|t|t|t|t', 'etcd_endpoint_health() over mTLS: healthy 
 is($s1->query_safe(q{BEGIN; SELECT etcd_xact_lock('tls-xact') IS NOT NULL; COMMIT;}), 't',
 	'a transaction lock over TLS commits');
 $s1->query_safe('SELECT etcd_unlock_all()');
-no_leftovers('success path');
+$etcd->no_leftovers('success path', 'etcd_lock/');
 
 # ---------------------------------------------------------------------------
 # Failures.  Each case breaks the settings and reloads; etcd_lock() must fail
@@ -124,7 +115,7 @@ sub tls_case
 	$conf{'etcd_lock.endpoints'} = $c{endpoint} // $etcd->url;
 
 	EtcdCluster::set_conf($node, [$s1], %conf);
-	my $fresh = EtcdCluster::session($node);
+	my $fresh = EtcdServer::session($node);
 	my ($o, $err, $elapsed) = EtcdCluster::run_sql($fresh, q{SELECT etcd_lock('tls-fail')});
 	my $code = EtcdCluster::sqlstate($err);
 	$observed{$what} = "$code: " . EtcdCluster::errmsg($err);
@@ -153,7 +144,7 @@ sub tls_case
 		"$what: a session that had a connection open also gets SQLSTATE $c{code}");
 	EtcdCluster::run_sql($s1, 'SELECT etcd_unlock_all()') if $o ne '';
 
-	no_leftovers($what);
+	$etcd->no_leftovers($what, 'etcd_lock/');
 	is($node->safe_psql('postgres', 'SELECT count(*) FROM etcd_locks'), '0',
 		"$what: no row in etcd_locks");
 	EtcdCluster::server_ok($node, $what);
@@ -165,7 +156,7 @@ sub tls_case
 	like($h, qr{^etcd_lock/tls-fail/[0-9a-f]+$}, "$what fixed: the same session locks again");
 	is_deeply([ $etcd->keys('etcd_lock/tls-fail/') ], [$h], "$what fixed: the key is in etcd");
 	is((EtcdCluster::run_sql($s1, 'SELECT etcd_unlock_all()'))[0], '1', "$what fixed: unlock");
-	no_leftovers("$what fixed");
+	$etcd->no_leftovers("$what fixed", 'etcd_lock/');
 	return;
 }
 
@@ -250,7 +241,7 @@ my ($o, $err) = EtcdCluster::run_sql($s1, q{SET etcd_lock.insecure = on});
 is(EtcdCluster::sqlstate($err), '42602', 'an invented etcd_lock.* setting is rejected (reserved prefix)');
 
 $node->safe_psql('postgres', 'CREATE ROLE alice LOGIN');
-my $alice = EtcdCluster::session($node, extra_params => [ '-U', 'alice' ]);
+my $alice = EtcdServer::session($node, extra_params => [ '-U', 'alice' ]);
 is($alice->query_safe('SELECT current_user'), 'alice', 'a non-superuser session');
 for my $g (qw(cacert cert key))
 {

@@ -42,17 +42,8 @@ etcd_lock.user = 'pglock'
 etcd_lock.password = 'secret'
 });
 
-sub no_leftovers
-{
-	my ($what) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	is_deeply([ $etcd->keys('') ], [], "$what: no key left in etcd");
-	is_deeply([ $etcd->leases ], [], "$what: no lease left in etcd");
-	return;
-}
-
 my %observed;
-my $s = EtcdCluster::session($node);
+my $s = EtcdServer::session($node);
 my $s_pid = $s->query_safe('SELECT pg_backend_pid()');
 
 # ---------------------------------------------------------------------------
@@ -74,7 +65,7 @@ cmp_ok($auths, '<=', 2,
 	'one authentication per process (the session, the worker) for 30-odd requests: the token is cached');
 is(scalar($etcd->keys('etcd_lock/')), 0, 'every lock is released');
 is($s->query_safe('SELECT etcd_unlock_all()'), '0', 'unlock_all drops the idle lease');
-no_leftovers('basic');
+$etcd->no_leftovers('basic');
 
 # ---------------------------------------------------------------------------
 # Names stay in the prefix, and etcd enforces the role
@@ -99,21 +90,21 @@ for my $case ([ 'other/', 'x' ], [ '', 'registry/pods' ])
 	is($code, '42501', "prefix '$prefix': etcd refuses $prefix$name/ (permission denied, 42501)");
 	like($err, qr/DETAIL:  etcdserver: permission denied/, "prefix '$prefix': etcd's reason in DETAIL");
 	is($out, '', "prefix '$prefix': no handle");
-	no_leftovers("prefix '$prefix'");
+	$etcd->no_leftovers("prefix '$prefix'");
 }
 # with an empty prefix, names map 1:1, and etcd_lock/... is still allowed
 $h = $s->query_safe(q{SELECT etcd_lock('etcd_lock/inside')});
 like($h, qr{^etcd_lock/inside/[0-9a-f]+$}, "prefix '': a name inside the role's prefix works");
 $s->query_safe('SELECT etcd_unlock_all()');
 $s->query_safe('RESET etcd_lock.prefix');
-no_leftovers('prefix reset');
+$etcd->no_leftovers('prefix reset');
 
 # ---------------------------------------------------------------------------
 # The password is hidden from non-superusers
 # ---------------------------------------------------------------------------
 is($s->query_safe('SHOW etcd_lock.password'), 'secret', 'the superuser can read the password');
 $node->safe_psql('postgres', 'CREATE ROLE alice LOGIN');
-my $alice = EtcdCluster::session($node, extra_params => [ '-U', 'alice' ]);
+my $alice = EtcdServer::session($node, extra_params => [ '-U', 'alice' ]);
 is($alice->query_safe('SELECT current_user'), 'alice', 'a non-superuser session');
 for my $g (qw(password user))
 {
@@ -149,7 +140,7 @@ like($err, qr/etcd authentication failed for user "pglock"/, 'wrong password: th
 like($err, qr/DETAIL:  etcdserver: authentication failed/, 'wrong password: etcd\'s reason in DETAIL');
 unlike($err, qr/wrong-pw/, 'wrong password: the error does not show the password');
 cmp_ok($elapsed, '<', 10, 'wrong password: reported promptly');
-no_leftovers('wrong password');
+$etcd->no_leftovers('wrong password');
 # Our own ALTER SYSTEM statement is logged (log_statement = all): skip it.
 # PostgreSQL itself logs 'parameter "etcd_lock.password" changed to "..."'
 # on reload, for every setting, GUC_SUPERUSER_ONLY or not.
@@ -168,7 +159,7 @@ like($out, qr{^etcd_lock/auth-pw/[0-9a-f]+$}, 'password reset: the same session 
 is((EtcdCluster::run_sql($s, 'SELECT etcd_unlock_all()'))[0], '1', 'password reset: unlock');
 # back in postgresql.conf's value, which is the right one
 EtcdCluster::set_conf($node, [$s], 'etcd_lock.password' => 'secret');
-no_leftovers('password fixed');
+$etcd->no_leftovers('password fixed');
 
 # ---------------------------------------------------------------------------
 # The token expires while the session idles; the next call re-authenticates
@@ -195,7 +186,7 @@ is($etcd->grpc_calls('Authenticate', 'OK') - $auth0, 1, 'and the session authent
 note 'etcd_lock_stats.failures grew by '
   . ($node->safe_psql('postgres', 'SELECT failures FROM etcd_lock_stats') - $fail0);
 $s->query_safe('SELECT etcd_unlock_all()');
-no_leftovers('token expiry');
+$etcd->no_leftovers('token expiry');
 
 # ---------------------------------------------------------------------------
 # The worker authenticates on its own and keeps a ttl-2 lock alive for 8 s,
@@ -204,7 +195,7 @@ no_leftovers('token expiry');
 my $ka0 = $node->safe_psql('postgres', 'SELECT keepalives FROM etcd_lock_stats');
 $fail0 = $node->safe_psql('postgres', 'SELECT failures FROM etcd_lock_stats');
 $h = $s->query_safe(q{SELECT etcd_lock('auth-renew', 2)});
-my ($lease) = $h =~ m{/([0-9a-f]+)$};
+my $lease = EtcdServer::lease_of($h);
 like($etcd->etcdctl('lease', 'timetolive', $lease), qr/granted with TTL\(2s\)/, 'a 2 s lease');
 my ($checks, $missing) = (0, 0);
 my $t0 = time;
@@ -226,7 +217,7 @@ is($node->safe_psql('postgres', qq{SELECT state FROM etcd_locks WHERE pid = $s_p
 	'renewal: still held');
 is($s->query_safe(qq{SELECT etcd_unlock('$h')}), 't', 'renewal: unlock returns true');
 $s->query_safe('SELECT etcd_unlock_all()');
-no_leftovers('renewal');
+$etcd->no_leftovers('renewal');
 
 # ---------------------------------------------------------------------------
 # No user against the auth etcd
@@ -244,13 +235,13 @@ like($err, qr/ERROR:  28000: etcd at \Q${\$etcd->url}\E requires authentication/
 like($err, qr/DETAIL:  etcdserver: user name is empty/, 'empty user: etcd\'s reason in DETAIL');
 like($err, qr/HINT:  Set etcd_lock.user and etcd_lock.password/, 'empty user: the hint names the settings');
 cmp_ok($elapsed, '<', 10, 'empty user: reported promptly');
-no_leftovers('empty user');
+$etcd->no_leftovers('empty user');
 EtcdCluster::set_conf($node, [$s], 'etcd_lock.user' => undef, 'etcd_lock.password' => undef);
 EtcdCluster::set_conf($node, [$s], 'etcd_lock.user' => 'pglock', 'etcd_lock.password' => 'secret');
 ($out, $err) = EtcdCluster::run_sql($s, q{SELECT etcd_unlock(etcd_lock('auth-nouser'))});
 is($out, 't', 'user restored: the same session locks again');
 $s->query_safe('SELECT etcd_unlock_all()');
-no_leftovers('user restored');
+$etcd->no_leftovers('user restored');
 
 # ---------------------------------------------------------------------------
 # An etcd without auth, with etcd_lock.user set: no token is sent (such an
@@ -287,7 +278,7 @@ is_deeply([ $open->leases ], [], 'etcd without auth: no lease left');
 EtcdCluster::set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
 
 $s->quit;
-no_leftovers('end');
+$etcd->no_leftovers('end');
 EtcdCluster::server_ok($node, 'end');
 note "observed: $_ => $observed{$_}" for sort keys %observed;
 $node->stop;

@@ -65,11 +65,11 @@ $node->safe_psql('postgres', q{
 });
 
 # the survivor: a ttl-5 session lock held through the failover
-my $sv = EtcdCluster::session($node);
+my $sv = EtcdServer::session($node);
 my $sv_pid = $sv->query_safe('SELECT pg_backend_pid()');
 my $hv = $sv->query_safe(q{SELECT etcd_lock('survivor', 5)});
 like($hv, qr{^etcd_lock/survivor/[0-9a-f]+$}, 'a ttl-5 session lock, taken through the dead endpoint');
-my ($sv_lease) = $hv =~ m{/([0-9a-f]+)$};
+my $sv_lease = EtcdServer::lease_of($hv);
 
 # ---------------------------------------------------------------------------
 # The storm
@@ -77,7 +77,7 @@ my ($sv_lease) = $hv =~ m{/([0-9a-f]+)$};
 my @w;
 for my $k (1 .. $SESSIONS)
 {
-	my $s = EtcdCluster::session($node);
+	my $s = EtcdServer::session($node);
 	$s->query_safe('\set cur 0');
 	my $pid = $s->query_safe('SELECT pg_backend_pid()');
 	push @w, { s => $s, k => $k, i => 0, busy => 0, pid => $pid };

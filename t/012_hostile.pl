@@ -195,7 +195,7 @@ my %expect = (
 );
 my @modes = qw(garbage garbage500 truncated wrongtypes deep huge headers silent close);
 
-my $s = EtcdCluster::session($node);
+my $s = EtcdServer::session($node);
 my $pid = $s->query_safe('SELECT pg_backend_pid()');
 my %observed;
 
@@ -247,7 +247,7 @@ for my $mode (grep { $_ ne 'garbage500' } @modes)
 {
 	my $ep = hostile($mode);
 	$h = $s->query_safe(q{SELECT etcd_lock('w', 6)});
-	my ($lease) = $h =~ m{/([0-9a-f]+)$};
+	my $lease = EtcdServer::lease_of($h);
 	my $f0 = $node->safe_psql('postgres', 'SELECT failures FROM etcd_lock_stats');
 	EtcdCluster::set_conf($node, [$s], 'etcd_lock.endpoints' => $ep);
 	# the worker met it: a keepalive failed, or (wrongly) found the lease gone

@@ -5,7 +5,8 @@
 # 3-member cluster started all at once.  Also makes the test PKI with
 # openssl, and small helpers the tests 009-012 share: SQL with SQLSTATEs
 # from a background session, settings changed by ALTER SYSTEM and reload,
-# and process facts from /proc.
+# and process facts from /proc.  (Its etcds are stopped by EtcdServer's END;
+# the background session itself is EtcdServer::session.)
 package EtcdCluster;
 
 use strict;
@@ -23,29 +24,19 @@ use Time::HiRes qw(time usleep);
 
 our @ISA = ('EtcdServer');
 
-# every etcd started here, stopped in END
-my @started;
-
 # new(name => N, tls => $pki, extra => [...], ctl => [...], no_start => 1)
 #
-# tls: a hash from make_pki(); etcd then serves https only and requires a
-# client certificate signed by $pki->{ca}.  ctl: more etcdctl flags, such as
-# --user root:pw once auth is on.
+# EtcdServer::new plus: tls: a hash from make_pki(); etcd then serves https
+# only and requires a client certificate signed by $pki->{ca}.  ctl: more
+# etcdctl flags, such as --user root:pw once auth is on.  listen_extra: more
+# client URLs to listen on.
 sub new
 {
 	my ($class, %opts) = @_;
-	my $self = bless {
-		name => $opts{name} // 'etcd',
-		client_port => PostgreSQL::Test::Cluster::get_free_port(),
-		peer_port => PostgreSQL::Test::Cluster::get_free_port(),
-		extra => $opts{extra} // [],
-		listen_extra => $opts{listen_extra} // [],
-		tls => $opts{tls},
-		ctl => $opts{ctl} // [],
-	}, $class;
-	$self->{dir} = PostgreSQL::Test::Utils::tempdir("etcd_$self->{name}");
-	$self->{log} = "$PostgreSQL::Test::Utils::log_path/$self->{name}.log";
-	push @started, $self;
+	my $self = EtcdServer::new($class, %opts, no_start => 1);
+	$self->{listen_extra} = $opts{listen_extra} // [];
+	$self->{tls} = $opts{tls};
+	$self->{ctl} = $opts{ctl} // [];
 	$self->start unless $opts{no_start};
 	return $self;
 }
@@ -242,12 +233,6 @@ sub cluster
 	return @m;
 }
 
-END
-{
-	local $?;
-	$_->stop('KILL') for grep { $_->{handle} } @started;
-}
-
 # ---------------------------------------------------------------------------
 # Test PKI
 # ---------------------------------------------------------------------------
@@ -332,16 +317,6 @@ sub make_pki
 # ---------------------------------------------------------------------------
 # SQL helpers
 # ---------------------------------------------------------------------------
-
-# A background session that goes on after errors and reports SQLSTATEs.
-sub session
-{
-	my ($node, %opts) = @_;
-	my $s = $node->background_psql($opts{dbname} // 'postgres', on_error_stop => 0,
-		$opts{extra_params} ? (extra_params => $opts{extra_params}) : ());
-	$s->query_safe('\set VERBOSITY verbose');
-	return $s;
-}
 
 # Run SQL in a background session: (stdout, stderr, elapsed seconds).
 sub run_sql

@@ -2,7 +2,9 @@
 #
 # A real etcd for TAP tests: started with IPC::Run on free loopback ports
 # with a temporary data directory, so a test can stop, kill, pause and
-# restart it.  Also a helper for PostgreSQL nodes that preload etcd_lock.
+# restart it.  Also a helper for PostgreSQL nodes that preload etcd_lock,
+# and small helpers the tests share: lock handles, etcd_lock_stats, polling
+# SQL, background sessions and statements that run in them.
 package EtcdServer;
 
 use strict;
@@ -14,8 +16,11 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
 
+# every etcd made here or in a subclass, killed in END
 my @servers;
 
+# new(name => N, extra => [etcd flags], no_start => 1): free ports, a data
+# directory and a log; started unless no_start (subclasses add fields first).
 sub new
 {
 	my ($class, %opts) = @_;
@@ -28,7 +33,7 @@ sub new
 	$self->{dir} = PostgreSQL::Test::Utils::tempdir("etcd_$self->{name}");
 	$self->{log} = "$PostgreSQL::Test::Utils::log_path/$self->{name}.log";
 	push @servers, $self;
-	$self->start;
+	$self->start unless $opts{no_start};
 	return $self;
 }
 
@@ -131,8 +136,19 @@ sub leases
 	my $self = shift;
 	my @lines = split /\n/, $self->etcdctl('lease', 'list');
 	shift @lines;    # "found N leases"
+	$_ = lc for @lines;
 	s/^0+(?=[0-9a-f])// for @lines;
 	return @lines;
+}
+
+# Test: no key under $prefix (default: none at all) and no lease left in etcd.
+sub no_leftovers
+{
+	my ($self, $what, $prefix) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	is_deeply([ $self->keys($prefix // '') ], [], "$what: no key left in etcd");
+	is_deeply([ $self->leases ], [], "$what: no lease left in etcd");
+	return;
 }
 
 # Wait until the condition returns true, polling; fails the test on timeout.
@@ -164,6 +180,93 @@ etcd_lock.request_timeout = '1s'
 	$node->start;
 	$node->safe_psql('postgres', 'CREATE EXTENSION etcd_lock');
 	return $node;
+}
+
+# ---------------------------------------------------------------------------
+# Package functions shared by the tests (call them as EtcdServer::name)
+# ---------------------------------------------------------------------------
+
+# The lease ID (hex) at the end of a lock handle NAME/<lease>.
+sub lease_of
+{
+	my ($handle) = @_;
+	my ($lease) = $handle =~ m{/([0-9a-f]+)$};
+	return $lease;
+}
+
+# One column of the node's etcd_lock_stats.
+sub stat_value
+{
+	my ($node, $col) = @_;
+	return $node->safe_psql('postgres', "SELECT $col FROM etcd_lock_stats");
+}
+
+# Poll a query every 50 ms until it returns $expected, for at most $bound
+# seconds (a short bound, not the 180 s default); diag and 0 on timeout.
+sub poll_sql
+{
+	my ($node, $sql, $expected, $bound) = @_;
+	my $end = Time::HiRes::time() + $bound;
+	my $got;
+	while (1)
+	{
+		$got = $node->safe_psql('postgres', $sql);
+		return 1 if $got eq $expected;
+		last if Time::HiRes::time() > $end;
+		usleep(50_000);
+	}
+	diag "poll_sql: gave up after $bound s on: $sql\nexpected: $expected\nlast got: $got";
+	return 0;
+}
+
+# A background session that goes on after errors and reports SQLSTATEs
+# (verbose errors: "ERROR:  SQLSTATE: message").
+sub session
+{
+	my ($node, %opts) = @_;
+	my $s = $node->background_psql($opts{dbname} // 'postgres', on_error_stop => 0,
+		$opts{extra_params} ? (extra_params => $opts{extra_params}) : ());
+	$s->query_safe('\set VERBOSITY verbose');
+	return $s;
+}
+
+# Issue a statement in a background session without waiting for its end.
+# Unless end_markers => 0, markers on both stdout and stderr tell
+# finish_statement when it has finished.
+sub start_statement
+{
+	my ($s, $sql, %opt) = @_;
+	my $end = ($opt{end_markers} // 1) ? "\\echo statement ended\n\\warn statement ended\n" : '';
+	$s->{stdout} = '';
+	$s->{stderr} = '';
+	$s->query_until(qr/statement started\n/, "\\echo statement started\n$sql\n$end");
+	return;
+}
+
+# Wait (polling, at most $limit seconds) for the end markers of a statement
+# sent with them; returns whether it ended, its stdout and its stderr.
+sub finish_statement
+{
+	my ($s, $limit) = @_;
+	my $end = Time::HiRes::time() + $limit;
+	my $done = 0;
+	while (1)
+	{
+		$s->{run}->pump_nb;
+		if ($s->{stdout} =~ /statement ended\n/ && $s->{stderr} =~ /statement ended\n/)
+		{
+			$done = 1;
+			last;
+		}
+		last if Time::HiRes::time() > $end || !$s->{run}->pumpable;
+		usleep(10_000);
+	}
+	my ($out, $err) = ($s->{stdout}, $s->{stderr});
+	$s->{stdout} = '';
+	$s->{stderr} = '';
+	$out =~ s/statement ended\n//;
+	$err =~ s/statement ended\n//;
+	return ($done, $out, $err);
 }
 
 END

@@ -92,6 +92,9 @@ static void
 assign_endpoints(const char *newval, void *extra)
 {
 	etcd_endpoints_changed();
+	/* a token belongs to one cluster; another etcd may hang on it */
+	if (etcd_lock_endpoints == NULL || strcmp(etcd_lock_endpoints, newval) != 0)
+		etcd_auth_reset();
 }
 
 /*
@@ -116,18 +119,51 @@ check_prefix(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/*
+ * Assign hooks run on every reload, changed or not; the variable still holds
+ * the old value while they run.
+ */
+static bool
+string_changed(const char *oldval, const char *newval)
+{
+	return oldval == NULL || strcmp(oldval, newval) != 0;
+}
+
 /* new TLS files: pooled connections were made with the old ones */
 static void
-assign_tls(const char *newval, void *extra)
+assign_cacert(const char *newval, void *extra)
 {
-	etcd_tls_changed();
+	if (string_changed(etcd_lock_cacert, newval))
+		etcd_tls_changed();
+}
+
+static void
+assign_cert(const char *newval, void *extra)
+{
+	if (string_changed(etcd_lock_cert, newval))
+		etcd_tls_changed();
+}
+
+static void
+assign_key(const char *newval, void *extra)
+{
+	if (string_changed(etcd_lock_key, newval))
+		etcd_tls_changed();
 }
 
 /* new credentials: authenticate again at the next request */
 static void
-assign_auth(const char *newval, void *extra)
+assign_user(const char *newval, void *extra)
 {
-	etcd_auth_reset();
+	if (string_changed(etcd_lock_user, newval))
+		etcd_auth_reset();
+}
+
+static void
+assign_password(const char *newval, void *extra)
+{
+	if (string_changed(etcd_lock_password, newval))
+		etcd_auth_reset();
 }
 
 static void
@@ -213,7 +249,7 @@ _PG_init(void)
 							   &etcd_lock_cacert,
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_tls, NULL);
+							   NULL, assign_cacert, NULL);
 
 	DefineCustomStringVariable("etcd_lock.cert",
 							   "Client certificate file presented to etcd (mTLS).",
@@ -221,7 +257,7 @@ _PG_init(void)
 							   &etcd_lock_cert,
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_tls, NULL);
+							   NULL, assign_cert, NULL);
 
 	DefineCustomStringVariable("etcd_lock.key",
 							   "Private key file of etcd_lock.cert.",
@@ -229,7 +265,7 @@ _PG_init(void)
 							   &etcd_lock_key,
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_tls, NULL);
+							   NULL, assign_key, NULL);
 
 	DefineCustomStringVariable("etcd_lock.user",
 							   "etcd user to authenticate as; empty sends no credentials.",
@@ -237,7 +273,7 @@ _PG_init(void)
 							   &etcd_lock_user,
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_auth, NULL);
+							   NULL, assign_user, NULL);
 
 	DefineCustomStringVariable("etcd_lock.password",
 							   "Password of etcd_lock.user.",
@@ -245,7 +281,7 @@ _PG_init(void)
 							   &etcd_lock_password,
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_auth, NULL);
+							   NULL, assign_password, NULL);
 
 	DefineCustomBoolVariable("etcd_lock.commit_check",
 							 "Confirms with etcd before COMMIT that every transaction lock is still held.",

@@ -154,6 +154,9 @@ typedef struct EtcdLockStats
 	pg_atomic_uint64 failures;
 } EtcdLockStats;
 
+/* a reserved lease slot, not yet granted; the worker skips ids <= 0 */
+#define ETCD_LEASE_RESERVED	(-1)
+
 /* A lease that the worker keeps alive for a backend. */
 typedef struct EtcdLeaseSlot
 {
@@ -208,7 +211,7 @@ extern void etcd_shmem_request(void);
 extern void etcd_shmem_startup(void);
 extern int	etcd_lease_slot_reserve(void);
 extern void etcd_lease_slot_fill(int slot, int64 lease_id, int ttl);
-extern void etcd_lease_slot_release(int slot);
+extern void etcd_lease_slot_release(int slot, int64 lease_id);
 extern bool etcd_lease_slot_lost(int slot, int64 lease_id);
 extern void etcd_lease_slot_set_lost(int slot, int64 lease_id);
 extern void etcd_lease_slot_hand_over(int slot, int64 lease_id, bool now_due);

@@ -17,6 +17,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/proc.h"
@@ -373,6 +374,17 @@ static HTAB *local_locks = NULL;
 static int	xact_locks = 0;		/* locks with xact_count > 0 */
 static PendingRelease *pending = NULL;
 static int	npending = 0;
+static int	npending_max = 0;
+
+/* Transaction-end and exit work allocates here, and resets it. */
+static MemoryContext callback_cxt = NULL;
+
+/*
+ * Set when a release at transaction end or exit found etcd unreachable:
+ * the other releases of that same callback are deferred without trying, so
+ * COMMIT is not held up for one request timeout per lock.
+ */
+static bool callback_unreachable = false;
 
 static void etcd_lock_exit(int code, Datum arg);
 static void etcd_lock_xact_callback(XactEvent event, void *arg);
@@ -392,8 +404,11 @@ local_init(void)
 							  HASH_ELEM | HASH_STRINGS);
 	nleases = 4;
 	leases = MemoryContextAllocZero(TopMemoryContext, sizeof(LocalLease) * nleases);
+	npending_max = 8;
 	pending = MemoryContextAllocZero(TopMemoryContext,
-									 sizeof(PendingRelease) * etcd_lock_max_locks);
+									 sizeof(PendingRelease) * npending_max);
+	callback_cxt = AllocSetContextCreate(TopMemoryContext, "etcd_lock callbacks",
+										 ALLOCSET_SMALL_SIZES);
 	before_shmem_exit(etcd_lock_exit, (Datum) 0);
 	RegisterXactCallback(etcd_lock_xact_callback, NULL);
 	RegisterSubXactCallback(etcd_lock_subxact_callback, NULL);
@@ -402,7 +417,7 @@ local_init(void)
 static void
 lease_forget(int i)
 {
-	etcd_lease_slot_release(leases[i].slot);
+	etcd_lease_slot_release(leases[i].slot, leases[i].id);
 	leases[i].id = 0;
 }
 
@@ -410,10 +425,11 @@ lease_forget(int i)
  * Revoke a lease we no longer need, and forget it.  If etcd does not answer,
  * the worker takes the revoke over and retries it: a request that timed out
  * may still be applied when etcd recovers, and the key it creates must not
- * stay until the lease expires.  Never throws.
+ * stay until the lease expires.  Returns whether the revoke went through;
+ * without try_now the worker does it all.
  */
-static void
-lease_drop(int i)
+static bool
+lease_drop(int i, bool try_now)
 {
 	int64		id = leases[i].id;
 	int			slot = leases[i].slot;
@@ -421,10 +437,13 @@ lease_drop(int i)
 	leases[i].id = 0;
 	/* stop renewal first: a keepalive racing the revoke would report a loss */
 	etcd_lease_slot_hand_over(slot, id, false);
-	if (etcd_lease_revoke(id, WARNING))
-		etcd_lease_slot_release(slot);
-	else
-		etcd_lease_slot_hand_over(slot, id, true);
+	if (try_now && etcd_lease_revoke(id, WARNING))
+	{
+		etcd_lease_slot_release(slot, id);
+		return true;
+	}
+	etcd_lease_slot_hand_over(slot, id, true);
+	return false;
 }
 
 /* This backend's lease for ttl, granted now if there is none. */
@@ -465,7 +484,7 @@ lease_for_ttl(int ttl)
 	}
 	PG_CATCH();
 	{
-		etcd_lease_slot_release(slot);
+		etcd_lease_slot_release(slot, ETCD_LEASE_RESERVED);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
@@ -507,22 +526,28 @@ defer_release(int lease_i, const char *handle, int64 revision)
 
 	if (lease->nlocks == 0 && !lease->lost)
 	{
+		int64		id = lease->id;
+
+		/* nothing else rides on the lease: the worker revokes it, and the key */
 		lease->lost = true;
-		lease_forget(lease_i);
+		lease->id = 0;
+		etcd_lease_slot_hand_over(lease->slot, id, true);
 		ereport(WARNING,
 				(errmsg("etcd key %s could not be deleted", handle),
-				 errdetail("It will expire with its lease within %d seconds.", lease->ttl)));
+				 errdetail("It goes when its lease is revoked, or expires within %d seconds.",
+						   lease->ttl)));
 		return;
 	}
-	if (npending < etcd_lock_max_locks)
+	if (npending == npending_max)
 	{
-		PendingRelease *p = &pending[npending++];
-
-		strlcpy(p->handle, handle, sizeof(p->handle));
-		p->revision = revision;
-		p->lease = lease_i;
-		lease->nlocks++;		/* the lease must stay until it is gone */
+		pending = repalloc(pending, sizeof(PendingRelease) * npending_max * 2);
+		npending_max *= 2;
 	}
+	strlcpy(pending[npending].handle, handle, sizeof(pending[npending].handle));
+	pending[npending].revision = revision;
+	pending[npending].lease = lease_i;
+	npending++;
+	lease->nlocks++;			/* the lease must stay until the key is gone */
 	ereport(WARNING,
 			(errmsg("etcd key %s could not be deleted", handle),
 			 errdetail("It will be deleted at the next call, or when this session ends.")));
@@ -539,8 +564,15 @@ flush_pending(void)
 		PendingRelease *p = &pending[i];
 		LocalLease *lease = &leases[p->lease];
 
+		/*
+		 * A waiter key's revision may be unknown (its enqueue was cut off):
+		 * delete it unguarded, which is safe because the key's name carries
+		 * our lease, so only we ever create it.
+		 */
 		if (!lease->lost &&
-			etcd_recipe_release(p->handle, p->revision, DEBUG1) == ETCD_RELEASE_FAILED)
+			(p->revision != 0 ?
+			 etcd_recipe_release(p->handle, p->revision, DEBUG1) == ETCD_RELEASE_FAILED :
+			 !etcd_key_delete(p->handle, DEBUG1)))
 		{
 			i++;
 			continue;
@@ -589,8 +621,14 @@ release_key(LocalLock *lock, int elevel)
 		r = ETCD_RELEASE_GONE;	/* reported when found lost */
 	else if (leases[lease_i].lost)
 		r = ETCD_RELEASE_DELETED;	/* we revoked the lease, and the key */
+	else if (elevel < ERROR && callback_unreachable)
+		r = ETCD_RELEASE_FAILED;	/* etcd just failed us: defer at once */
 	else
+	{
 		r = etcd_recipe_release(handle, revision, elevel);
+		if (r == ETCD_RELEASE_FAILED)
+			callback_unreachable = true;
+	}
 	if (!lock->lost)
 		etcd_stat_add(released, 1);
 	if (r == ETCD_RELEASE_GONE && !lock->lost)
@@ -602,17 +640,45 @@ release_key(LocalLock *lock, int elevel)
 }
 
 /*
+ * A transaction that holds a lost transaction lock is doomed: every call,
+ * every statement and its COMMIT fail until it ends, even if the client
+ * caught the first error.
+ */
+static void
+raise_if_doomed(void)
+{
+	HASH_SEQ_STATUS seq;
+	LocalLock  *lock;
+
+	if (xact_locks == 0)
+		return;
+	hash_seq_init(&seq, local_locks);
+	while ((lock = hash_seq_search(&seq)) != NULL)
+	{
+		if (lock->xact_count > 0 && lock->lost)
+		{
+			hash_seq_term(&seq);
+			ereport(ERROR,
+					(errcode(ERRCODE_ETCD_LOCK_LOST),
+					 errmsg("etcd transaction lock \"%s\" was lost", lock->name),
+					 errdetail("Its key %s is gone from etcd, or its lease could not be renewed in time.",
+							   lock->handle),
+					 errhint("The transaction cannot commit; retry it.")));
+		}
+	}
+}
+
+/*
  * Report locks whose lease the worker found gone.  Every entry point calls
  * this, so a lost lock is never lost silently: a lost session lock gets a
- * WARNING once, and a lost transaction lock dooms its transaction with an
- * ERROR.  Also retries deferred releases.
+ * WARNING once, and a lost transaction lock dooms its transaction.  Also
+ * retries deferred releases.
  */
 void
 etcd_lock_check_lost(void)
 {
 	HASH_SEQ_STATUS seq;
 	LocalLock  *lock;
-	LocalLock  *doomed = NULL;
 	bool		any = false;
 	int			i;
 
@@ -631,33 +697,24 @@ etcd_lock_check_lost(void)
 				lease_forget(i);
 		}
 	}
-	if (!any)
-		return;
-
-	hash_seq_init(&seq, local_locks);
-	while ((lock = hash_seq_search(&seq)) != NULL)
+	if (any)
 	{
-		if (lock->lost || !leases[lock->lease].lost)
-			continue;
-		lock->lost = true;
-		if (lock->xact_count > 0)
+		hash_seq_init(&seq, local_locks);
+		while ((lock = hash_seq_search(&seq)) != NULL)
 		{
-			doomed = lock;
-			continue;
+			if (lock->lost || !leases[lock->lease].lost)
+				continue;
+			lock->lost = true;
+			if (lock->xact_count > 0)
+				continue;		/* raise_if_doomed() reports it */
+			ereport(WARNING,
+					(errcode(ERRCODE_ETCD_LOCK_LOST),
+					 errmsg("etcd lock \"%s\" was lost", lock->name),
+					 errdetail("Its lease %llx expired, was revoked, or could not be renewed in time, so etcd no longer keeps the key %s.",
+							   (unsigned long long) leases[lock->lease].id, lock->handle)));
 		}
-		ereport(WARNING,
-				(errcode(ERRCODE_ETCD_LOCK_LOST),
-				 errmsg("etcd lock \"%s\" was lost", lock->name),
-				 errdetail("Its lease %llx expired or was revoked in etcd, which deleted the key %s.",
-						   (unsigned long long) leases[lock->lease].id, lock->handle)));
 	}
-	if (doomed)
-		ereport(ERROR,
-				(errcode(ERRCODE_ETCD_LOCK_LOST),
-				 errmsg("etcd transaction lock \"%s\" was lost", doomed->name),
-				 errdetail("Its lease %llx expired or was revoked in etcd, which deleted the key %s.",
-						   (unsigned long long) leases[doomed->lease].id, doomed->handle),
-				 errhint("The transaction cannot commit; retry it.")));
+	raise_if_doomed();
 }
 
 /* Called before each statement: a transaction under a lost lock is doomed. */
@@ -669,12 +726,15 @@ etcd_lock_check_doomed(void)
 	if (xact_locks == 0)
 		return;
 	for (i = 0; i < nleases; i++)
+	{
 		if (leases[i].id != 0 && !leases[i].lost &&
 			etcd_lease_slot_lost(leases[i].slot, leases[i].id))
 		{
 			etcd_lock_check_lost();
 			return;
 		}
+	}
+	raise_if_doomed();
 }
 
 /*
@@ -690,7 +750,7 @@ abandon_wait(int lease_i, const char *mykey, int slot)
 	etcd_lock_slot_remove(slot);
 	lease->nlocks--;
 	if (lease->nlocks == 0)
-		lease_drop(lease_i);
+		lease_drop(lease_i, true);
 	else if (!etcd_key_delete(mykey, WARNING))
 		defer_release(lease_i, mykey, 0);
 }
@@ -739,6 +799,12 @@ enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
 	char	   *pred = NULL;
 	int64		watch_from = 0;
 	TimestampTz deadline = 0;
+	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext round_cxt;
+	char	   *kept = NULL;
+
+	/* each round of waiting allocates here, reset per round: waits can be long */
+	round_cxt = AllocSetContextCreate(cxt, "etcd_lock wait", ALLOCSET_SMALL_SIZES);
 
 	if (wait_ms > 0)
 		deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
@@ -757,6 +823,17 @@ enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
 			bool		checked = false;
 			char	   *newpred = NULL;
 			int			r;
+
+			/* keep the predecessor's key, drop the rest of the last round */
+			{
+				char	   *copy = MemoryContextStrdup(cxt, pred);
+
+				if (kept)
+					pfree(kept);
+				kept = pred = copy;
+			}
+			MemoryContextReset(round_cxt);
+			MemoryContextSwitchTo(round_cxt);
 
 			/*
 			 * Watch from etcd's head revision: etcd delivers at once to such
@@ -803,12 +880,14 @@ enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
 						 errdetail("Its key %s is gone from etcd, most likely because its lease expired.",
 								   handle)));
 		}
+		MemoryContextSwitchTo(cxt);
 		if (LockTimeout > 0)
 			disable_timeout(LOCK_TIMEOUT, false);
 	}
 	PG_CATCH();
 	{
 		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
 		if (LockTimeout > 0)
 			disable_timeout(LOCK_TIMEOUT, true);
 		etcd_watch_stop();
@@ -929,6 +1008,40 @@ lock_by_handle(const char *handle)
 	return NULL;
 }
 
+/*
+ * release_key() for SQL calls, which report etcd's failure as an ERROR.  The
+ * request may have reached etcd even when its answer did not, so after an
+ * ERROR the lock is not held any more as far as this session knows: it is
+ * forgotten, and its guarded delete retried later.
+ */
+static bool
+release_for_sql(LocalLock *lock)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	char		handle[ETCD_LOCK_KEY_MAX];
+	int64		revision = lock->revision;
+	int			lease_i = lock->lease;
+	bool		deleted;
+
+	strlcpy(handle, lock->handle, sizeof(handle));
+	PG_TRY();
+	{
+		deleted = release_key(lock, ERROR);
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		etcd_stat_add(released, 1);
+		lock_forget(lock);
+		defer_release(lease_i, handle, revision);
+		RESUME_INTERRUPTS();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return deleted;
+}
+
 /* Release one hold of a session lock; the last hold deletes the key. */
 bool
 etcd_lock_release(const char *handle)
@@ -961,8 +1074,7 @@ etcd_lock_release(const char *handle)
 		return true;
 	}
 
-	/* an ERROR here leaves the lock held, as it still is in etcd */
-	deleted = release_key(lock, ERROR);
+	deleted = release_for_sql(lock);
 	if (!deleted)
 		ereport(WARNING,
 				(errcode(ERRCODE_ETCD_LOCK_LOST),
@@ -981,6 +1093,8 @@ etcd_lock_release_all(void)
 	HASH_SEQ_STATUS seq;
 	LocalLock  *lock;
 	int		   *going;
+	char	  **names;
+	int			nnames = 0;
 	int			released = 0;
 	int			i;
 
@@ -988,36 +1102,61 @@ etcd_lock_release_all(void)
 	if (local_locks == NULL)
 		return 0;
 
+	/*
+	 * Collect first: releases can fail, and an ERROR must not escape from
+	 * the middle of a hash scan.
+	 */
 	going = palloc0(sizeof(int) * nleases);
-	hash_seq_init(&seq, local_locks);
-	while ((lock = hash_seq_search(&seq)) != NULL)
-		if (lock->session_count > 0 && lock->xact_count == 0)
-			going[lock->lease]++;
-
-	for (i = 0; i < nleases; i++)
-	{
-		if (leases[i].id != 0 && !leases[i].lost && going[i] == leases[i].nlocks)
-		{
-			/* stop renewal first, and take it back if etcd cannot be reached */
-			etcd_lease_slot_hand_over(leases[i].slot, leases[i].id, false);
-			PG_TRY();
-			{
-				etcd_lease_revoke(leases[i].id, ERROR);
-			}
-			PG_CATCH();
-			{
-				etcd_lease_slot_reclaim(leases[i].slot, leases[i].id);
-				PG_RE_THROW();
-			}
-			PG_END_TRY();
-			leases[i].lost = true;	/* gone: forget it with its last lock */
-		}
-	}
-
+	names = palloc(sizeof(char *) * (hash_get_num_entries(local_locks) + 1));
 	hash_seq_init(&seq, local_locks);
 	while ((lock = hash_seq_search(&seq)) != NULL)
 	{
 		if (lock->session_count == 0)
+			continue;
+		names[nnames++] = pstrdup(lock->etcd_name);
+		if (lock->xact_count == 0)
+			going[lock->lease]++;
+	}
+
+	/* a lease whose every lock goes is revoked: one request for all its keys */
+	for (i = 0; i < nleases; i++)
+	{
+		if (leases[i].id == 0 || leases[i].lost || going[i] != leases[i].nlocks)
+			continue;
+		/* stop renewal first, and take it back if etcd cannot be reached */
+		etcd_lease_slot_hand_over(leases[i].slot, leases[i].id, false);
+		PG_TRY();
+		{
+			etcd_lease_revoke(leases[i].id, ERROR);
+		}
+		PG_CATCH();
+		{
+			etcd_lease_slot_reclaim(leases[i].slot, leases[i].id);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+		/* its keys are gone: forget its locks now, before anything can fail */
+		leases[i].lost = true;
+		hash_seq_init(&seq, local_locks);
+		while ((lock = hash_seq_search(&seq)) != NULL)
+		{
+			if (lock->lease != i)
+				continue;
+			if (!lock->lost)
+			{
+				released++;
+				etcd_stat_add(released, 1);
+			}
+			lock_forget(lock);	/* the last one forgets the lease too */
+		}
+		if (leases[i].id != 0 && leases[i].nlocks == 0)
+			lease_forget(i);	/* it had no lock: an idle lease */
+	}
+
+	for (i = 0; i < nnames; i++)
+	{
+		lock = hash_search(local_locks, names[i], HASH_FIND, NULL);
+		if (lock == NULL || lock->session_count == 0)
 			continue;
 		if (lock->xact_count > 0)
 		{
@@ -1028,12 +1167,8 @@ etcd_lock_release_all(void)
 		}
 		if (!lock->lost)
 			released++;
-		release_key(lock, ERROR);
+		release_for_sql(lock);
 	}
-	/* leases left with no lock are not renewed for nothing */
-	for (i = 0; i < nleases; i++)
-		if (leases[i].id != 0 && leases[i].lost && leases[i].nlocks == 0)
-			lease_forget(i);
 	return released;
 }
 
@@ -1140,8 +1275,14 @@ release_xact_locks(void)
 static void
 etcd_lock_xact_callback(XactEvent event, void *arg)
 {
+	MemoryContext old;
+
 	if (xact_locks == 0)
 		return;
+	/* the caller's context may live long (a procedure's): use our own */
+	MemoryContextReset(callback_cxt);
+	old = MemoryContextSwitchTo(callback_cxt);
+	callback_unreachable = false;
 	switch (event)
 	{
 		case XACT_EVENT_PRE_COMMIT:
@@ -1155,18 +1296,25 @@ etcd_lock_xact_callback(XactEvent event, void *arg)
 			break;
 
 			/*
-			 * COMMIT runs after the commit record is flushed and the
+			 * COMMIT runs after the commit record is written and the
 			 * transaction is visible to others, so the next holder sees our
-			 * writes.  Interrupts are held off here; each request is still
-			 * bounded by etcd_lock.request_timeout.
+			 * writes.  Interrupts are held off here; each request is bounded
+			 * by etcd_lock.request_timeout, and after one failure the other
+			 * releases are deferred without trying.
 			 */
 		case XACT_EVENT_COMMIT:
+			/* with synchronous_commit off, the commit record may still be in memory */
+			if (XactLastCommitEnd != InvalidXLogRecPtr)
+				XLogFlush(XactLastCommitEnd);
+			release_xact_locks();
+			break;
 		case XACT_EVENT_ABORT:
 			release_xact_locks();
 			break;
 		default:
 			break;
 	}
+	MemoryContextSwitchTo(old);
 }
 
 static void
@@ -1175,10 +1323,14 @@ etcd_lock_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 {
 	HASH_SEQ_STATUS seq;
 	LocalLock  *lock;
+	MemoryContext old;
 
 	if (xact_locks == 0 ||
 		(event != SUBXACT_EVENT_COMMIT_SUB && event != SUBXACT_EVENT_ABORT_SUB))
 		return;
+	MemoryContextReset(callback_cxt);
+	old = MemoryContextSwitchTo(callback_cxt);
+	callback_unreachable = false;
 
 	hash_seq_init(&seq, local_locks);
 	while ((lock = hash_seq_search(&seq)) != NULL)
@@ -1226,6 +1378,7 @@ etcd_lock_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 			break;
 		}
 	}
+	MemoryContextSwitchTo(old);
 }
 
 /*
@@ -1240,9 +1393,15 @@ etcd_lock_exit(int code, Datum arg)
 	HASH_SEQ_STATUS seq;
 	LocalLock  *lock;
 	int			i;
+	bool		reachable = true;
 
 	HOLD_INTERRUPTS();
+	MemoryContextSwitchTo(callback_cxt);
 	etcd_watch_stop();
+	/* hand every lease to the worker first: if this exit is cut short, it revokes them */
+	for (i = 0; i < nleases; i++)
+		if (leases[i].id != 0 && !leases[i].lost)
+			etcd_lease_slot_hand_over(leases[i].slot, leases[i].id, false);
 	for (i = 0; i < nleases; i++)
 	{
 		if (leases[i].id == 0)
@@ -1250,7 +1409,7 @@ etcd_lock_exit(int code, Datum arg)
 		if (leases[i].lost)
 			lease_forget(i);
 		else
-			lease_drop(i);
+			reachable = lease_drop(i, reachable);	/* one failure is enough */
 	}
 	hash_seq_init(&seq, local_locks);
 	while ((lock = hash_seq_search(&seq)) != NULL)

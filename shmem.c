@@ -23,8 +23,6 @@
 
 EtcdLockShared *etcd_shared = NULL;
 
-/* a reserved lease slot, not yet granted; the worker skips ids <= 0 */
-#define LEASE_RESERVED	(-1)
 
 static Size
 shmem_size(void)
@@ -102,7 +100,7 @@ etcd_lease_slot_reserve(void)
 		if (s->lease_id == 0)
 		{
 			memset(s, 0, sizeof(EtcdLeaseSlot));
-			s->lease_id = LEASE_RESERVED;
+			s->lease_id = ETCD_LEASE_RESERVED;
 			s->pid = MyProcPid;
 			s->owner_latch = MyLatch;
 			break;
@@ -132,10 +130,12 @@ etcd_lease_slot_fill(int slot, int64 lease_id, int ttl)
 }
 
 void
-etcd_lease_slot_release(int slot)
+etcd_lease_slot_release(int slot, int64 lease_id)
 {
 	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
-	etcd_shared->leases[slot].lease_id = 0;
+	/* only our own lease: the slot may have been handed over and reused */
+	if (etcd_shared->leases[slot].lease_id == lease_id)
+		etcd_shared->leases[slot].lease_id = 0;
 	LWLockRelease(etcd_shared->lock);
 }
 
@@ -256,9 +256,12 @@ etcd_lease_slot_hand_over(int slot, int64 lease_id, bool now_due)
 		s->pid = 0;				/* no longer the backend's */
 		s->owner_latch = NULL;
 		s->revoke = true;
-		/* not due yet: the backend is trying the revoke itself */
+		/*
+		 * Not due yet while the backend tries the revoke itself; due soon
+		 * after, in case the backend never gets to it.
+		 */
 		s->next_keepalive = now_due ? now :
-			TimestampTzPlusMilliseconds(now, 3600 * 1000L);
+			TimestampTzPlusMilliseconds(now, 2L * etcd_lock_request_timeout + 1000);
 		s->revoke_until = TimestampTzPlusMilliseconds(now, Max(10, 2 * s->ttl) * 1000L);
 	}
 	LWLockRelease(etcd_shared->lock);

@@ -38,6 +38,7 @@ typedef struct KeepaliveState
 	EtcdTransfer *transfer;		/* created on first use, then reused */
 	bool		in_flight;
 	bool		revoking;		/* the request is a revoke, not a keepalive */
+	TimestampTz sent_at;		/* when the request went out */
 } KeepaliveState;
 
 static KeepaliveState *ka;
@@ -62,6 +63,30 @@ etcd_worker_register(void)
 	RegisterBackgroundWorker(&worker);
 }
 
+/*
+ * The lease is gone, or may be: stop renewing it, count and log its locks,
+ * and wake its backend.  Caller holds the LWLock exclusively; the rest is
+ * done by the caller once it is released.
+ */
+static Latch *
+mark_lost(EtcdLeaseSlot *s, int *nlost)
+{
+	s->lost = true;
+	*nlost = etcd_locks_on_lease(s->lease_id);
+	return s->owner_latch;
+}
+
+static void
+report_lost(int64 lease_id, int nlost, Latch *owner, const char *why)
+{
+	etcd_stat_add(lost, nlost);
+	ereport(LOG,
+			(errmsg("etcd_lock: lease %llx %s; %d lock(s) on it are lost",
+					(unsigned long long) lease_id, why, nlost)));
+	if (owner)
+		SetLatch(owner);
+}
+
 static void
 finish_keepalive(int i)
 {
@@ -72,6 +97,7 @@ finish_keepalive(int i)
 	int64		ttl = 0;
 	int			nlost = 0;
 	Latch	   *owner = NULL;
+	bool		gone = false;
 	TimestampTz now = GetCurrentTimestamp();
 
 	ok = etcd_transfer_result(k->transfer, &res);
@@ -125,15 +151,15 @@ finish_keepalive(int i)
 	{
 		if (ok && ttl > 0)
 		{
-			s->last_renewed = now;
+			/* etcd restarted the TTL no earlier than when we asked */
+			s->last_renewed = k->sent_at;
 			s->next_keepalive = TimestampTzPlusMilliseconds(now, ttl * 1000 / 3);
 		}
 		else if (ok)
 		{
 			/* a keepalive answered without a TTL: etcd has no such lease */
-			s->lost = true;
-			owner = s->owner_latch;
-			nlost = etcd_locks_on_lease(k->lease_id);
+			owner = mark_lost(s, &nlost);
+			gone = true;
 		}
 		else
 		{
@@ -144,14 +170,8 @@ finish_keepalive(int i)
 	}
 	LWLockRelease(etcd_shared->lock);
 
-	if (owner)
-	{
-		etcd_stat_add(lost, nlost);
-		ereport(LOG,
-				(errmsg("etcd_lock: lease %llx is gone from etcd; %d lock(s) on it are lost",
-						(unsigned long long) k->lease_id, nlost)));
-		SetLatch(owner);
-	}
+	if (gone)
+		report_lost(k->lease_id, nlost, owner, "is gone from etcd");
 }
 
 /* Start the keepalives that are due; return ms until the next one is. */
@@ -164,14 +184,32 @@ start_due_keepalives(void)
 	int64		ids[MAX_IN_FLIGHT];
 	bool		revoke[MAX_IN_FLIGHT];
 	int			ndue = 0;
+	bool		expired = false;
 	int			i;
 
 	LWLockAcquire(etcd_shared->lock, LW_SHARED);
 	for (i = 0; i < etcd_lock_max_locks; i++)
 	{
 		EtcdLeaseSlot *s = &etcd_shared->leases[i];
+		TimestampTz expiry;
 
-		if (s->lease_id <= 0 || s->lost || ka[i].in_flight)
+		if (s->lease_id <= 0 || s->lost)
+			continue;
+		/*
+		 * Unrenewed for a whole TTL (less a margin): etcd may have let the
+		 * lease go, and another client may hold our locks.  Say so, rather
+		 * than let a partition keep them "held" here.
+		 */
+		expiry = TimestampTzPlusMilliseconds(s->last_renewed,
+											 s->ttl * 1000L - Min(500, s->ttl * 100L));
+		if (!s->revoke && now >= expiry)
+		{
+			expired = true;
+			continue;
+		}
+		if (!s->revoke && expiry < next)
+			next = expiry;
+		if (ka[i].in_flight)
 			continue;
 		if (s->next_keepalive <= now && in_flight + ndue < MAX_IN_FLIGHT)
 		{
@@ -183,6 +221,29 @@ start_due_keepalives(void)
 			next = s->next_keepalive;
 	}
 	LWLockRelease(etcd_shared->lock);
+
+	if (expired)
+	{
+		for (i = 0; i < etcd_lock_max_locks; i++)
+		{
+			EtcdLeaseSlot *s = &etcd_shared->leases[i];
+			int64		id;
+			int			nlost = 0;
+			Latch	   *owner = NULL;
+
+			LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
+			id = s->lease_id;
+			if (id > 0 && !s->lost && !s->revoke &&
+				now >= TimestampTzPlusMilliseconds(s->last_renewed,
+												   s->ttl * 1000L - Min(500, s->ttl * 100L)))
+				owner = mark_lost(s, &nlost);
+			else
+				id = 0;
+			LWLockRelease(etcd_shared->lock);
+			if (id > 0)
+				report_lost(id, nlost, owner, "could not be renewed within its TTL");
+		}
+	}
 
 	if (ndue > 0)
 		etcd_auth_ensure();
@@ -201,6 +262,7 @@ start_due_keepalives(void)
 		k->lease_id = ids[i];
 		k->in_flight = true;
 		k->revoking = revoke[i];
+		k->sent_at = GetCurrentTimestamp();
 		in_flight++;
 		etcd_stat_add(requests, 1);
 		if (!revoke[i])

@@ -977,8 +977,14 @@ etcd_call(const char *path, cJSON *req)
  * ----------------------------------------------------------------
  */
 
-bool
-etcd_watch_start(const char *key, int64 start_revision)
+/*
+ * Watch key for its deletion, from etcd's head revision: etcd delivers at
+ * once to such a watch, while one that starts at an older revision waits for
+ * etcd's 100 ms catch-up loop.  etcd_watch_revision() tells, once the watch
+ * is created, from which revision it sees changes.
+ */
+void
+etcd_watch_start(const char *key)
 {
 	cJSON	   *req = cJSON_CreateObject();
 	cJSON	   *create = cJSON_AddObjectToObject(req, "create_request");
@@ -988,8 +994,6 @@ etcd_watch_start(const char *key, int64 start_revision)
 
 	etcd_client_init();
 	etcd_json_add_key(create, "key", key);
-	if (start_revision > 0)
-		etcd_json_add_int64(create, "start_revision", start_revision);
 	/* only deletions can let us in */
 	cJSON_AddItemToArray(filters, cJSON_CreateString("NOPUT"));
 	body = cJSON_PrintUnformatted(req);
@@ -1002,7 +1006,6 @@ etcd_watch_start(const char *key, int64 start_revision)
 	watch_created = false;
 	pfree(url);
 	pfree(body);
-	return true;
 }
 
 /* The revision at which the current watch started, once it is created. */

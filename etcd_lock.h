@@ -85,7 +85,7 @@ extern int	etcd_tls_generation(void);
 extern void etcd_auth_ensure(void);
 extern cJSON *etcd_call(const char *path, cJSON *req);
 extern void etcd_report(int elevel, const char *path, EtcdResult *res);
-extern bool etcd_watch_start(const char *key, int64 start_revision);
+extern void etcd_watch_start(const char *key);
 extern int	etcd_watch_wait(TimestampTz deadline);
 extern void etcd_watch_stop(void);
 extern int64 etcd_watch_revision(void);

@@ -835,12 +835,7 @@ enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
 			MemoryContextReset(round_cxt);
 			MemoryContextSwitchTo(round_cxt);
 
-			/*
-			 * Watch from etcd's head revision: etcd delivers at once to such
-			 * a watch, while one that starts at an older revision waits for
-			 * etcd's 100 ms catch-up loop.
-			 */
-			etcd_watch_start(pred, 0);
+			etcd_watch_start(pred);
 			for (;;)
 			{
 				r = etcd_watch_wait(deadline);

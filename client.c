@@ -16,6 +16,8 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
+#include <math.h>
 #include <unistd.h>
 
 #include <curl/curl.h>
@@ -73,11 +75,21 @@ static EtcdMulti *backend_multi = NULL;
 static EtcdTransfer *unary = NULL;
 static EtcdTransfer *watch = NULL;
 
-/* Parsed etcd_lock.endpoints, and the member that answered last. */
+/*
+ * Parsed etcd_lock.endpoints, the member that answered last, and until when
+ * each member that just failed is tried only after the others.
+ */
 static char **endpoints = NULL;
 static int	nendpoints = 0;
 static bool endpoints_stale = true;
 static int	preferred_endpoint = 0;
+static TimestampTz *skip_until = NULL;
+
+/* A member that failed goes to the back of the line for this long. */
+#define ENDPOINT_BACKOFF_MS	3000
+
+/* Requests started by this process give up at this time (0: never). */
+static TimestampTz request_deadline = 0;
 
 static bool curl_ready = false;
 
@@ -85,6 +97,7 @@ static bool curl_ready = false;
 static TimestampTz watch_started;
 static bool watch_created;
 static int64 watch_revision;	/* etcd's revision when the watch started */
+static int	watch_endpoint;		/* the member it was sent to */
 
 /*
  * A waiter re-checks its queue this often even without an event, so that a
@@ -149,6 +162,9 @@ parse_endpoints(void)
 		pfree(endpoints);
 	}
 	endpoints = palloc0(sizeof(char *) * (strlen(etcd_lock_endpoints) / 2 + 2));
+	if (skip_until)
+		pfree(skip_until);
+	skip_until = palloc0(sizeof(TimestampTz) * (strlen(etcd_lock_endpoints) / 2 + 2));
 	nendpoints = 0;
 	copy = pstrdup(etcd_lock_endpoints);
 	for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save))
@@ -186,6 +202,92 @@ etcd_endpoint(int i)
 	int			n = etcd_endpoint_count();	/* parses endpoints[] first */
 
 	return endpoints[i % n];
+}
+
+/*
+ * The order in which to try the members: the one that answered last, then
+ * the others in turn, and those that failed lately last, the longest-failed
+ * first.  Backends and the worker both go by it.  Returns how many.
+ */
+int
+etcd_endpoint_order(int *order)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int			n = etcd_endpoint_count();
+	int			k = 0;
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		int			idx = (preferred_endpoint + i) % n;
+
+		if (skip_until[idx] <= now)
+			order[k++] = idx;
+	}
+	while (k < n)
+	{
+		int			best = -1;
+
+		for (i = 0; i < n; i++)
+		{
+			int			j;
+			bool		taken = false;
+
+			if (skip_until[i] <= now)
+				continue;
+			for (j = 0; j < k; j++)
+				taken |= order[j] == i;
+			if (!taken && (best < 0 || skip_until[i] < skip_until[best]))
+				best = i;
+		}
+		order[k++] = best;
+	}
+	return n;
+}
+
+/* A member gave no usable answer: try the others first for a while. */
+void
+etcd_endpoint_failed(int idx)
+{
+	(void) etcd_endpoint_count();
+	skip_until[idx % nendpoints] =
+		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ENDPOINT_BACKOFF_MS);
+	if (preferred_endpoint == idx % nendpoints)
+		preferred_endpoint = (preferred_endpoint + 1) % nendpoints;
+}
+
+/* A member answered: prefer it from now on. */
+void
+etcd_endpoint_ok(int idx)
+{
+	(void) etcd_endpoint_count();
+	skip_until[idx % nendpoints] = 0;
+	preferred_endpoint = idx % nendpoints;
+}
+
+/*
+ * Bound every request this process starts from now on by one deadline (0:
+ * none), as transaction-end cleanup must be.  Returns the old one.
+ */
+TimestampTz
+etcd_set_deadline(TimestampTz deadline)
+{
+	TimestampTz old = request_deadline;
+
+	request_deadline = deadline;
+	return old;
+}
+
+/* A request's time limit: request_timeout, cut to the deadline if any. */
+long
+etcd_request_time_limit(void)
+{
+	long		ms = etcd_lock_request_timeout;
+
+	if (request_deadline != 0)
+		ms = Min(ms, TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+													 request_deadline));
+	return ms;
 }
 
 /* ----------------------------------------------------------------
@@ -369,13 +471,27 @@ etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
 	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
 	curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) etcd_lock_request_timeout);
 
+	/*
+	 * No ERROR here: this runs at transaction end too.  A request that
+	 * cannot start ends at once, as a transport failure.
+	 */
 	rc = curl_multi_add_handle(m->multi, t->easy);
 	if (rc != CURLM_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_SYSTEM_ERROR),
-				 errmsg("could not start an etcd request"),
-				 errdetail_internal("%s", curl_multi_strerror(rc))));
+	{
+		t->done = true;
+		t->code = CURLE_FAILED_INIT;
+		snprintf(t->errbuf, sizeof(t->errbuf), "could not start the request: %s",
+				 curl_multi_strerror(rc));
+		return;
+	}
 	t->active = true;
+}
+
+/* Whether to send the auth token with this transfer's requests. */
+void
+etcd_transfer_set_auth(EtcdTransfer *t, bool with_auth)
+{
+	t->with_auth = with_auth;
 }
 
 void
@@ -557,6 +673,7 @@ etcd_transfer_result(EtcdTransfer *t, EtcdResult *res)
 {
 	memset(res, 0, sizeof(EtcdResult));
 	res->curl_code = t->code;
+	res->timed_out = t->code == CURLE_OPERATION_TIMEDOUT;
 	if (t->code != CURLE_OK)
 	{
 		res->kind = t->too_big ? ETCD_RES_PROTOCOL : ETCD_RES_TRANSPORT;
@@ -649,18 +766,30 @@ static bool
 request_once(int idx, const char *path, const char *body, bool with_auth,
 			 EtcdResult *res)
 {
-	char	   *url = psprintf("%s%s", endpoints[idx], path);
+	char	   *url;
 	bool		ok;
+	long		limit = etcd_request_time_limit();
 
+	if (limit <= 0)
+	{
+		/* the caller's deadline passed: fail without sending anything */
+		memset(res, 0, sizeof(EtcdResult));
+		res->kind = ETCD_RES_TRANSPORT;
+		res->curl_code = CURLE_OPERATION_TIMEDOUT;
+		res->error = pstrdup("no time was left for the request");
+		res->endpoint = endpoints[idx];
+		return false;
+	}
+	url = psprintf("%s%s", endpoints[idx], path);
 	unary->with_auth = with_auth;
-	etcd_transfer_start(backend_multi, unary, url, body, etcd_lock_request_timeout);
-	etcd_stat_add(requests, 1);
+	etcd_transfer_start(backend_multi, unary, url, body, limit);
+	etcd_stat_add(ETCD_STAT_REQUESTS, 1);
 	run_unary();
 	pfree(url);
 	ok = etcd_transfer_result(unary, res);
 	res->endpoint = endpoints[idx];
 	if (!ok)
-		etcd_stat_add(failures, 1);
+		etcd_stat_add(ETCD_STAT_FAILURES, 1);
 	return ok;
 }
 
@@ -672,36 +801,17 @@ request_once(int idx, const char *path, const char *body, bool with_auth,
 static bool
 authenticate(int idx, EtcdResult *res)
 {
-	cJSON	   *req;
 	char	   *body;
-	cJSON	   *token;
 	bool		ok;
 
-	if (etcd_lock_user[0] == '\0' || auth_token != NULL || auth_off)
+	if (!etcd_auth_wanted())
 		return true;
-	req = cJSON_CreateObject();
-	cJSON_AddStringToObject(req, "name", etcd_lock_user);
-	cJSON_AddStringToObject(req, "password", etcd_lock_password);
-	body = cJSON_PrintUnformatted(req);
+	body = etcd_auth_body();
 	ok = request_once(idx, "/v3/auth/authenticate", body, false, res);
 	/* the body holds the password: wipe it before freeing */
 	memset(body, 0, strlen(body));
 	pfree(body);
-	if (!ok)
-	{
-		/* "authentication is not enabled": send no token, and stop asking */
-		auth_off = res->kind == ETCD_RES_ERROR && res->grpc_code == 9;
-		return auth_off;
-	}
-	token = cJSON_GetObjectItemCaseSensitive(res->json, "token");
-	if (!cJSON_IsString(token))
-	{
-		res->kind = ETCD_RES_PROTOCOL;
-		res->error = pstrdup("etcd's authenticate answer has no token");
-		return false;
-	}
-	auth_token = strdup(token->valuestring);
-	return auth_token != NULL;
+	return etcd_auth_accept(ok, res);
 }
 
 /*
@@ -760,23 +870,27 @@ bool
 etcd_request(const char *path, cJSON *req, EtcdResult *res)
 {
 	char	   *body = cJSON_PrintUnformatted(req);
+	int		   *order;
 	int			n;
 	int			i;
 
 	etcd_client_init();
-	n = etcd_endpoint_count();
+	order = palloc(sizeof(int) * etcd_endpoint_count());
+	n = etcd_endpoint_order(order);
 	for (i = 0; i < n; i++)
 	{
-		int			idx = (preferred_endpoint + i) % n;
-
-		if (request_endpoint(idx, path, body, res))
+		if (request_endpoint(order[i], path, body, res))
 		{
-			preferred_endpoint = idx;
+			etcd_endpoint_ok(order[i]);
 			pfree(body);
 			return true;
 		}
 		if (!worth_failover(res))
 			break;
+		/* out of time is the caller's deadline, not the member's fault */
+		if (etcd_request_time_limit() <= 0)
+			break;
+		etcd_endpoint_failed(order[i]);
 	}
 	pfree(body);
 	return false;
@@ -796,17 +910,50 @@ etcd_request_endpoint(int idx, const char *path, cJSON *req, EtcdResult *res)
 	return ok;
 }
 
-/* For the worker: make sure a token is cached before its keepalives. */
-void
-etcd_auth_ensure(void)
+/*
+ * The worker authenticates on its own transfers, without waiting: these
+ * three let it ask whether it needs a token, build the request, and take
+ * the answer.
+ */
+bool
+etcd_auth_wanted(void)
 {
-	EtcdResult	res;
+	return etcd_lock_user[0] != '\0' && auth_token == NULL && !auth_off;
+}
 
-	etcd_client_init();
-	if (etcd_lock_user[0] == '\0' || auth_token != NULL || auth_off)
-		return;
-	if (!authenticate(preferred_endpoint % etcd_endpoint_count(), &res))
-		etcd_report(LOG, "/v3/auth/authenticate", &res);
+/* The body of an authenticate request; the caller wipes and frees it. */
+char *
+etcd_auth_body(void)
+{
+	cJSON	   *req = cJSON_CreateObject();
+
+	cJSON_AddStringToObject(req, "name", etcd_lock_user);
+	cJSON_AddStringToObject(req, "password", etcd_lock_password);
+	return cJSON_PrintUnformatted(req);
+}
+
+/* Take etcd's answer to an authenticate request; false if it failed. */
+bool
+etcd_auth_accept(bool ok, EtcdResult *res)
+{
+	cJSON	   *token;
+
+	if (!ok)
+	{
+		/* "authentication is not enabled": send no token, and stop asking */
+		auth_off = res->kind == ETCD_RES_ERROR && res->grpc_code == 9;
+		return auth_off;
+	}
+	token = cJSON_GetObjectItemCaseSensitive(res->json, "token");
+	if (!cJSON_IsString(token))
+	{
+		res->kind = ETCD_RES_PROTOCOL;
+		res->error = pstrdup("etcd's authenticate answer has no token");
+		return false;
+	}
+	free(auth_token);
+	auth_token = strdup(token->valuestring);
+	return auth_token != NULL;
 }
 
 static int
@@ -997,11 +1144,18 @@ etcd_watch_start(const char *key)
 	/* only deletions can let us in */
 	cJSON_AddItemToArray(filters, cJSON_CreateString("NOPUT"));
 	body = cJSON_PrintUnformatted(req);
-	url = psprintf("%s/v3/watch", etcd_endpoint(preferred_endpoint));
+	{
+		int		   *order = palloc(sizeof(int) * etcd_endpoint_count());
+
+		etcd_endpoint_order(order);
+		watch_endpoint = order[0];
+		pfree(order);
+	}
+	url = psprintf("%s/v3/watch", endpoints[watch_endpoint]);
 
 	/* no total timeout: the stream lasts as long as the wait */
 	etcd_transfer_start(backend_multi, watch, url, body, 0L);
-	etcd_stat_add(requests, 1);
+	etcd_stat_add(ETCD_STAT_REQUESTS, 1);
 	watch_started = GetCurrentTimestamp();
 	watch_created = false;
 	pfree(url);
@@ -1023,7 +1177,7 @@ etcd_watch_stop(void)
 }
 
 /* Look at the complete lines buffered so far. */
-static int
+static EtcdWatchEvent
 watch_scan(void)
 {
 	while (watch->consumed < watch->len)
@@ -1064,19 +1218,19 @@ watch_scan(void)
 	}
 	if (watch->consumed == watch->len)
 		watch->consumed = watch->len = 0;
-	return 0;
+	return ETCD_WATCH_NONE;
 }
 
 /* The watch failed: pause briefly, interruptibly, and try another member. */
-static int
+static EtcdWatchEvent
 watch_failed(void)
 {
 	TimestampTz until = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 100);
 	long		ms;
 
-	etcd_stat_add(failures, 1);
+	etcd_stat_add(ETCD_STAT_FAILURES, 1);
 	etcd_transfer_stop(backend_multi, watch);
-	preferred_endpoint = (preferred_endpoint + 1) % etcd_endpoint_count();
+	etcd_endpoint_failed(watch_endpoint);
 	while ((ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until)) > 0)
 	{
 		etcd_multi_wait(backend_multi, ms);
@@ -1092,17 +1246,17 @@ watch_failed(void)
  * etcd_lock.request_timeout.  Interrupts raise an ERROR; the caller stops
  * the watch in its error path.
  */
-int
+EtcdWatchEvent
 etcd_watch_wait(TimestampTz deadline)
 {
 	for (;;)
 	{
-		int			r = watch_scan();
+		EtcdWatchEvent r = watch_scan();
 		TimestampTz now = GetCurrentTimestamp();
 		TimestampTz until;
 		long		wait_ms;
 
-		if (r != 0)
+		if (r != ETCD_WATCH_NONE)
 			return r;
 		if (watch->done)
 		{
@@ -1169,17 +1323,68 @@ etcd_unb64(const char *b64, int *len)
 	return out;
 }
 
-/* etcd sends int64 as strings and leaves out zero values. */
-int64
-etcd_json_int64(cJSON *obj, const char *field)
+/*
+ * etcd sends int64 as strings and leaves out zero values: a missing field is
+ * 0.  Anything but a whole decimal number in range is malformed (false).
+ */
+bool
+etcd_json_get_int64(cJSON *obj, const char *field, int64 *out)
 {
 	cJSON	   *item = cJSON_GetObjectItemCaseSensitive(obj, field);
 
+	*out = 0;
+	if (item == NULL)
+		return true;
 	if (cJSON_IsString(item))
-		return strtoll(item->valuestring, NULL, 10);
+	{
+		const char *s = item->valuestring;
+		char	   *end;
+
+		if (*s == '\0' || !(isdigit((unsigned char) *s) || *s == '-'))
+			return false;
+		errno = 0;
+		*out = strtoll(s, &end, 10);
+		return errno == 0 && *end == '\0';
+	}
 	if (cJSON_IsNumber(item))
-		return (int64) item->valuedouble;
-	return 0;
+	{
+		/* only small numbers come as JSON numbers (error codes) */
+		if (!(fabs(item->valuedouble) <= 1e15) ||
+			item->valuedouble != (double) (int64) item->valuedouble)
+			return false;
+		*out = (int64) item->valuedouble;
+		return true;
+	}
+	return false;
+}
+
+/* Lenient: a malformed value reads as 0.  For fields where 0 is harmless. */
+int64
+etcd_json_int64(cJSON *obj, const char *field)
+{
+	int64		v;
+
+	if (!etcd_json_get_int64(obj, field, &v))
+		return 0;
+	return v;
+}
+
+/*
+ * A revision, lease ID or TTL that etcd must send: missing, malformed or not
+ * positive is a protocol error, never 0.
+ */
+int64
+etcd_json_need_int64(cJSON *obj, const char *field, const char *path)
+{
+	int64		v;
+
+	if (!etcd_json_get_int64(obj, field, &v) || v <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROTOCOL_VIOLATION),
+				 errmsg("invalid response from etcd"),
+				 errdetail("The field \"%s\" is missing, malformed or not positive.", field),
+				 errcontext("etcd request %s", path)));
+	return v;
 }
 
 /* Follow a dotted path of object members; NULL when any step is missing. */

@@ -55,7 +55,10 @@ CREATE FUNCTION etcd_lock_stats(
     OUT lost bigint,
     OUT failures bigint,
     OUT leases integer,
-    OUT locks integer)
+    OUT locks integer,
+    OUT revoking integer,
+    OUT worker_pid integer,
+    OUT last_renewal timestamptz)
 RETURNS record
 AS 'MODULE_PATHNAME', 'etcd_lock_stats'
 LANGUAGE C VOLATILE PARALLEL RESTRICTED;

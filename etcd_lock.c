@@ -239,7 +239,7 @@ _PG_init(void)
 							"Lease TTL of locks taken without a ttl argument.",
 							"etcd keeps a lock this long after this server stops renewing it.",
 							&etcd_lock_default_ttl,
-							30, 1, INT_MAX,
+							30, 1, ETCD_LOCK_MAX_TTL,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 
@@ -315,7 +315,7 @@ _PG_init(void)
 static void
 require_preload(void)
 {
-	if (!etcd_lock_loaded || etcd_shared == NULL)
+	if (!etcd_lock_loaded || !etcd_shmem_ready())
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("etcd_lock must be loaded via shared_preload_libraries"),
@@ -352,10 +352,11 @@ ttl_arg(FunctionCallInfo fcinfo, int argno)
 	if (PG_ARGISNULL(argno))
 		return etcd_lock_default_ttl;
 	ttl = PG_GETARG_INT32(argno);
-	if (ttl < 1)
+	if (ttl < 1 || ttl > ETCD_LOCK_MAX_TTL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("etcd lock ttl must be at least 1 second"),
+				 errmsg("etcd lock ttl must be between 1 and %d seconds",
+						ETCD_LOCK_MAX_TTL),
 				 errdetail("The ttl given was %d.", ttl)));
 	return ttl;
 }
@@ -507,43 +508,31 @@ PG_FUNCTION_INFO_V1(etcd_lock_stats);
 PG_FUNCTION_INFO_V1(etcd_lock_list);
 PG_FUNCTION_INFO_V1(etcd_endpoint_health);
 
-/* etcd_lock_stats(): one row of server-wide counters */
+/* etcd_lock_stats(): one row of server-wide counters and gauges */
 Datum
 etcd_lock_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[9];
-	bool		nulls[9] = {0};
-	EtcdLockStats *st;
-	int			leases = 0;
-	int			locks = 0;
+	Datum		values[12];
+	bool		nulls[12] = {0};
+	EtcdStatsView st;
 	int			i;
 
 	require_preload();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	st = &etcd_shared->stats;
-	LWLockAcquire(etcd_shared->lock, LW_SHARED);
-	for (i = 0; i < etcd_lock_max_locks; i++)
-	{
-		/* leases being renewed; not those the worker is revoking */
-		if (etcd_shared->leases[i].lease_id > 0 && !etcd_shared->leases[i].revoke)
-			leases++;
-		if (etcd_shared->locks[i].state != ETCD_LOCK_FREE)
-			locks++;
-	}
-	LWLockRelease(etcd_shared->lock);
-
-	values[0] = Int64GetDatum((int64) pg_atomic_read_u64(&st->requests));
-	values[1] = Int64GetDatum((int64) pg_atomic_read_u64(&st->keepalives));
-	values[2] = Int64GetDatum((int64) pg_atomic_read_u64(&st->lease_grants));
-	values[3] = Int64GetDatum((int64) pg_atomic_read_u64(&st->acquired));
-	values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&st->released));
-	values[5] = Int64GetDatum((int64) pg_atomic_read_u64(&st->lost));
-	values[6] = Int64GetDatum((int64) pg_atomic_read_u64(&st->failures));
-	values[7] = Int32GetDatum(leases);
-	values[8] = Int32GetDatum(locks);
+	etcd_stats_read(&st);
+	for (i = 0; i < ETCD_NSTATS; i++)
+		values[i] = Int64GetDatum((int64) st.counters[i]);
+	/* the counters' columns come in EtcdStat order, then the gauges */
+	values[ETCD_NSTATS] = Int32GetDatum(st.leases);
+	values[ETCD_NSTATS + 1] = Int32GetDatum(st.locks);
+	values[ETCD_NSTATS + 2] = Int32GetDatum(st.revoking);
+	values[ETCD_NSTATS + 3] = Int32GetDatum(st.worker_pid);
+	nulls[ETCD_NSTATS + 3] = st.worker_pid == 0;
+	values[ETCD_NSTATS + 4] = TimestampTzGetDatum(st.last_renewal);
+	nulls[ETCD_NSTATS + 4] = st.last_renewal == 0;
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -614,40 +603,26 @@ Datum
 etcd_lock_list(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	EtcdLockSlot *copy;
-	bool	   *lost;
-	int			n = 0;
+	EtcdLockRow *rows;
+	int			n;
 	int			i;
 
 	require_preload();
 	InitMaterializedSRF(fcinfo, 0);
 
-	/* copy under the lock, build tuples after releasing it */
-	copy = palloc(sizeof(EtcdLockSlot) * etcd_lock_max_locks);
-	lost = palloc(sizeof(bool) * etcd_lock_max_locks);
-	LWLockAcquire(etcd_shared->lock, LW_SHARED);
-	for (i = 0; i < etcd_lock_max_locks; i++)
-	{
-		EtcdLockSlot *s = &etcd_shared->locks[i];
-		EtcdLeaseSlot *l;
-
-		if (s->state == ETCD_LOCK_FREE)
-			continue;
-		l = &etcd_shared->leases[s->lease_slot];
-		lost[n] = l->lease_id == s->lease_id && l->lost;
-		copy[n++] = *s;
-	}
-	LWLockRelease(etcd_shared->lock);
+	/* copied under the lock, turned into tuples after */
+	rows = palloc(sizeof(EtcdLockRow) * etcd_lock_max_locks);
+	n = etcd_lock_rows(rows);
 
 	for (i = 0; i < n; i++)
 	{
-		EtcdLockSlot *s = &copy[i];
+		EtcdLockRow *s = &rows[i];
 		Datum		values[10];
 		bool		nulls[10] = {0};
 		const char *state;
 		const char *scope;
 
-		if (lost[i])
+		if (s->state == ETCD_LOCK_LOST)
 			state = "lost";
 		else if (s->state == ETCD_LOCK_WAITING)
 			state = "waiting";
@@ -668,7 +643,7 @@ etcd_lock_list(PG_FUNCTION_ARGS)
 		values[5] = CStringGetTextDatum(scope);
 		values[6] = CStringGetTextDatum(state);
 		values[7] = Int32GetDatum(s->session_count + s->xact_count);
-		if (s->state == ETCD_LOCK_HELD)
+		if (s->acquired_at != 0)
 		{
 			values[8] = Int64GetDatum(s->fencing_token);
 			values[9] = TimestampTzGetDatum(s->acquired_at);

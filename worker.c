@@ -2,12 +2,26 @@
  *
  * worker.c
  *		  The lease worker: keeps alive every lease that backends registered
- *		  in shared memory, and marks lost the ones etcd no longer has.
+ *		  in shared memory, declares lost the ones that cannot be kept, and
+ *		  revokes the ones given up.
  *
- * Keepalives run in parallel on one curl multi handle, each bounded by
- * etcd_lock.request_timeout, so one slow or hanging request never holds up
- * the others.  The worker also finishes the revokes that backends could not
- * get through to etcd.
+ * Renewal works within each lease's budget, the time until etcd may expire
+ * it (expires_at, from the send time of the last answered keepalive):
+ *	- a keepalive is due a third of a TTL after the last renewal;
+ *	- every attempt's timeout is cut to the budget left, so no attempt can
+ *	  still be in flight when the lease may have expired;
+ *	- an attempt unanswered after a third of its timeout is hedged: another
+ *	  goes to another member (up to MAX_ATTEMPTS at once), and the slow
+ *	  member is tried last for a while, by backends and the worker alike;
+ *	- an attempt that fails outright is retried at once on the next member.
+ * A lease is declared lost only when etcd answers that it is gone, or once
+ * its budget is spent with no attempt left in flight.  With the defaults
+ * (ttl 5, request_timeout 2 s) that leaves room for several attempts, on
+ * different members, within every TTL.
+ *
+ * Keepalives carry no auth token: etcd does not check auth for them.
+ * Revokes do; the worker authenticates on a transfer of its own, so a
+ * member that hangs never stalls the keepalives.
  *
  * IDENTIFICATION
  *		  worker.c
@@ -28,24 +42,57 @@
 
 #include "etcd_lock.h"
 
-/* keepalives in flight at once; the rest wait for a free place */
-#define MAX_IN_FLIGHT	32
+/* requests in flight at once; per lease; and revokes, so keepalives get room */
+#define MAX_IN_FLIGHT	64
+#define MAX_ATTEMPTS	3
+#define MAX_REVOKES		(MAX_IN_FLIGHT / 2)
 
-/* The worker's view of one lease slot. */
-typedef struct KeepaliveState
+/* an attempt is not worth sending with less time than this left */
+#define MIN_ATTEMPT_MS	50
+
+/* after a failed attempt, the next one waits this long at least */
+#define RETRY_MS		100
+
+/* a failed revoke or authentication is retried after this long */
+#define REVOKE_RETRY_MS 500
+
+typedef enum AttemptKind
 {
-	int64		lease_id;		/* lease of the request in flight */
-	EtcdTransfer *transfer;		/* created on first use, then reused */
-	bool		in_flight;
-	bool		revoking;		/* the request is a revoke, not a keepalive */
-	TimestampTz sent_at;		/* when the request went out */
-} KeepaliveState;
+	ATTEMPT_KEEPALIVE,
+	ATTEMPT_REVOKE,
+	ATTEMPT_AUTH
+} AttemptKind;
 
-static KeepaliveState *ka;
+/* One request in flight. */
+typedef struct Attempt
+{
+	EtcdTransfer *transfer;		/* created on first use, then reused */
+	bool		in_use;
+	AttemptKind kind;
+	int			slot;
+	int64		lease_id;
+	int			endpoint;
+	TimestampTz sent_at;
+	bool		cut_short;		/* timeout below request_timeout (budget) */
+} Attempt;
+
+static Attempt attempts[MAX_IN_FLIGHT];
+static int	nin_flight = 0;
 static EtcdMulti *multi;
-static int	preferred = 0;
-static int	in_flight = 0;
 static int	tls_generation = 0;	/* of the TLS files multi's pool was made with */
+
+/*
+ * Per lease slot: when the next attempt may start, for the lease it was
+ * set for (a slot can be freed and reused for another lease meanwhile).
+ */
+static int64 *slot_lease;
+static TimestampTz *slot_next_attempt;
+static int	nrevokes = 0;
+
+static bool auth_in_flight = false;
+static TimestampTz auth_retry_at = 0;
+
+static EtcdLeaseView *views;
 
 void
 etcd_worker_register(void)
@@ -63,225 +110,356 @@ etcd_worker_register(void)
 	RegisterBackgroundWorker(&worker);
 }
 
-/*
- * The lease is gone, or may be: stop renewing it, count and log its locks,
- * and wake its backend.  Caller holds the LWLock exclusively; the rest is
- * done by the caller once it is released.
- */
-static Latch *
-mark_lost(EtcdLeaseSlot *s, int *nlost)
-{
-	s->lost = true;
-	*nlost = etcd_locks_on_lease(s->lease_id);
-	return s->owner_latch;
-}
-
 static void
-report_lost(int64 lease_id, int nlost, Latch *owner, const char *why)
+report_lost(int64 lease_id, int nlost, const char *why)
 {
-	etcd_stat_add(lost, nlost);
 	ereport(LOG,
-			(errmsg("etcd_lock: lease %llx %s; %d lock(s) on it are lost",
-					(unsigned long long) lease_id, why, nlost)));
-	if (owner)
-		SetLatch(owner);
+			(errmsg_plural("etcd_lock: lease %llx %s, so %d lock on it is lost",
+						   "etcd_lock: lease %llx %s, so %d locks on it are lost",
+						   nlost, (unsigned long long) lease_id, why, nlost)));
+}
+
+/* Attempts in flight for this lease. */
+static int
+in_flight_for(int slot, int64 lease_id)
+{
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < MAX_IN_FLIGHT; i++)
+		n += attempts[i].in_use && attempts[i].kind != ATTEMPT_AUTH &&
+			attempts[i].slot == slot && attempts[i].lease_id == lease_id;
+	return n;
+}
+
+/* When the next attempt for this lease may start. */
+static TimestampTz
+next_attempt(int slot, int64 lease_id)
+{
+	if (slot_lease[slot] != lease_id)
+	{
+		slot_lease[slot] = lease_id;
+		slot_next_attempt[slot] = 0;
+	}
+	return slot_next_attempt[slot];
+}
+
+/* The member for a new attempt on slot: the best one not already tried. */
+static int
+pick_endpoint(int slot)
+{
+	int		   *order = palloc(sizeof(int) * etcd_endpoint_count());
+	int			n = etcd_endpoint_order(order);
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		bool		busy = false;
+		int			j;
+
+		for (j = 0; j < MAX_IN_FLIGHT; j++)
+			busy |= attempts[j].in_use && attempts[j].slot == slot &&
+				attempts[j].kind != ATTEMPT_AUTH && attempts[j].endpoint == order[i];
+		if (!busy)
+			return order[i];
+	}
+	return order[0];
+}
+
+static Attempt *
+free_attempt(void)
+{
+	int			i;
+
+	for (i = 0; i < MAX_IN_FLIGHT; i++)
+	{
+		if (!attempts[i].in_use)
+		{
+			if (attempts[i].transfer == NULL)
+				attempts[i].transfer = etcd_transfer_create();
+			return &attempts[i];
+		}
+	}
+	return NULL;
 }
 
 static void
-finish_keepalive(int i)
+start_attempt(Attempt *a, AttemptKind kind, int slot, int64 lease_id,
+			  int endpoint, long timeout_ms)
 {
-	KeepaliveState *k = &ka[i];
-	EtcdLeaseSlot *s = &etcd_shared->leases[i];
+	static const char *const paths[] = {
+		"/v3/lease/keepalive", "/v3/lease/revoke", "/v3/auth/authenticate"
+	};
+	char	   *body;
+	char	   *url;
+
+	if (kind == ATTEMPT_AUTH)
+		body = etcd_auth_body();
+	else
+		body = psprintf("{\"ID\":\"" INT64_FORMAT "\"}", lease_id);
+	url = psprintf("%s%s", etcd_endpoint(endpoint), paths[kind]);
+
+	/* keepalives need no token; revokes do; authenticating sends none */
+	etcd_transfer_set_auth(a->transfer, kind == ATTEMPT_REVOKE);
+	etcd_transfer_start(multi, a->transfer, url, body, timeout_ms);
+	if (kind == ATTEMPT_AUTH)
+		memset(body, 0, strlen(body));	/* it holds the password */
+	a->in_use = true;
+	a->kind = kind;
+	a->slot = slot;
+	a->lease_id = lease_id;
+	a->endpoint = endpoint;
+	a->sent_at = GetCurrentTimestamp();
+	a->cut_short = timeout_ms < etcd_lock_request_timeout;
+	nin_flight++;
+	if (kind == ATTEMPT_AUTH)
+		auth_in_flight = true;
+	else if (kind == ATTEMPT_REVOKE)
+		nrevokes++;
+	etcd_stat_add(ETCD_STAT_REQUESTS, 1);
+	if (kind == ATTEMPT_KEEPALIVE)
+		etcd_stat_add(ETCD_STAT_KEEPALIVES, 1);
+}
+
+/*
+ * Whether another member could do better than this answer.  Running out of
+ * a budget shorter than request_timeout is not the member's fault.
+ */
+static bool
+member_failed(Attempt *a, bool ok, EtcdResult *res)
+{
+	if (ok)
+		return false;
+	if (a->cut_short && res->timed_out)
+		return false;
+	return res->kind != ETCD_RES_ERROR || res->http_status >= 500;
+}
+
+static void
+finish_attempt(Attempt *a)
+{
 	EtcdResult	res;
 	bool		ok;
-	int64		ttl = 0;
-	int			nlost = 0;
-	Latch	   *owner = NULL;
-	bool		gone = false;
 	TimestampTz now = GetCurrentTimestamp();
 
-	ok = etcd_transfer_result(k->transfer, &res);
-	etcd_transfer_stop(multi, k->transfer);
-	k->in_flight = false;
-	in_flight--;
-	if (ok && !k->revoking)
-	{
-		cJSON	   *result = cJSON_GetObjectItemCaseSensitive(res.json, "result");
-
-		/*
-		 * Only etcd's own answer can say a lease is gone: a result with a
-		 * header and no TTL.  Anything else is a failed keepalive, retried.
-		 */
-		if (!cJSON_IsObject(result) ||
-			!cJSON_IsObject(cJSON_GetObjectItemCaseSensitive(result, "header")))
-		{
-			ok = false;
-			res.kind = ETCD_RES_PROTOCOL;
-			res.error = pstrdup("keepalive answer without a result header");
-		}
-		else
-			ttl = etcd_json_int64(result, "TTL");
-	}
+	ok = etcd_transfer_result(a->transfer, &res);
+	etcd_transfer_stop(multi, a->transfer);
+	a->in_use = false;
+	nin_flight--;
+	if (a->kind == ATTEMPT_AUTH)
+		auth_in_flight = false;
+	else if (a->kind == ATTEMPT_REVOKE)
+		nrevokes--;
 	if (!ok)
-	{
-		etcd_stat_add(failures, 1);
-		if (res.http_status == 401)
-			etcd_auth_reset();	/* expired token: authenticate again */
-		/* the next request goes to the next member */
-		preferred = (preferred + 1) % etcd_endpoint_count();
-		elog(DEBUG1, "etcd_lock: keepalive of lease %llx failed: %s",
-			 (unsigned long long) k->lease_id, res.error);
-	}
+		etcd_stat_add(ETCD_STAT_FAILURES, 1);
+	if (member_failed(a, ok, &res))
+		etcd_endpoint_failed(a->endpoint);
+	else
+		etcd_endpoint_ok(a->endpoint);
 
-	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
-	if (s->lease_id == k->lease_id && s->revoke && !k->revoking)
+	switch (a->kind)
 	{
-		/* a keepalive that raced its lease's revoke: not a loss */
-	}
-	else if (s->lease_id == k->lease_id && k->revoking)
-	{
-		/* done when revoked, already gone, or surely expired by now */
-		if (ok || (res.kind == ETCD_RES_ERROR && res.grpc_code == 5) ||
-			now >= s->revoke_until)
-			s->lease_id = 0;
-		else
-			s->next_keepalive = TimestampTzPlusMilliseconds(now, 500);
-	}
-	else if (s->lease_id == k->lease_id)
-	{
-		if (ok && ttl > 0)
-		{
-			/* etcd restarted the TTL no earlier than when we asked */
-			s->last_renewed = k->sent_at;
-			s->next_keepalive = TimestampTzPlusMilliseconds(now, ttl * 1000 / 3);
-		}
-		else if (ok)
-		{
-			/* a keepalive answered without a TTL: etcd has no such lease */
-			owner = mark_lost(s, &nlost);
-			gone = true;
-		}
-		else
-		{
-			/* retry soon, well before the lease could expire */
-			s->next_keepalive = TimestampTzPlusMilliseconds(now,
-															Min(1000, Max(100, s->ttl * 1000 / 6)));
-		}
-	}
-	LWLockRelease(etcd_shared->lock);
+		case ATTEMPT_AUTH:
+			if (!etcd_auth_accept(ok, &res))
+			{
+				etcd_report(LOG, "/v3/auth/authenticate", &res);
+				auth_retry_at = TimestampTzPlusMilliseconds(now, REVOKE_RETRY_MS);
+			}
+			break;
 
-	if (gone)
-		report_lost(k->lease_id, nlost, owner, "is gone from etcd");
+		case ATTEMPT_KEEPALIVE:
+			{
+				cJSON	   *result = ok ? cJSON_GetObjectItemCaseSensitive(res.json, "result") : NULL;
+				int64		ttl = 0;
+
+				/*
+				 * Only etcd's own answer can say a lease is gone: a result with
+				 * a header and no TTL.  Anything else is a failed attempt.
+				 */
+				if (ok && (!cJSON_IsObject(result) ||
+						   !cJSON_IsObject(cJSON_GetObjectItemCaseSensitive(result, "header")) ||
+						   !etcd_json_get_int64(result, "TTL", &ttl) || ttl < 0))
+				{
+					ok = false;
+					etcd_stat_add(ETCD_STAT_FAILURES, 1);
+					etcd_endpoint_failed(a->endpoint);
+					res.error = pstrdup("keepalive answer without a valid result");
+				}
+				if (ok && ttl > 0)
+					etcd_lease_renewed(a->slot, a->lease_id, a->sent_at,
+									   (int) Min(ttl, ETCD_LOCK_MAX_TTL));
+				else if (ok)
+				{
+					int			nlost = etcd_lease_declare_lost(a->slot, a->lease_id, true);
+
+					if (nlost >= 0)
+						report_lost(a->lease_id, nlost, "is gone from etcd");
+				}
+				else
+				{
+					/* the next attempt may go out at once, elsewhere */
+					(void) next_attempt(a->slot, a->lease_id);
+					slot_next_attempt[a->slot] = TimestampTzPlusMilliseconds(now, RETRY_MS);
+					elog(DEBUG1, "etcd_lock: keepalive of lease %llx at %s failed: %s",
+						 (unsigned long long) a->lease_id, etcd_endpoint(a->endpoint),
+						 res.error);
+				}
+				break;
+			}
+
+		case ATTEMPT_REVOKE:
+			if (ok || (res.kind == ETCD_RES_ERROR && res.grpc_code == 5))
+				etcd_lease_slot_revoked(a->slot, a->lease_id);	/* or already gone */
+			else
+			{
+				if (res.kind == ETCD_RES_ERROR && res.http_status == 401)
+					etcd_auth_reset();	/* expired token: authenticate again */
+				elog(DEBUG1, "etcd_lock: revoke of lease %llx at %s failed: %s",
+					 (unsigned long long) a->lease_id, etcd_endpoint(a->endpoint),
+					 res.error);
+				etcd_lease_revoke_failed(a->slot, a->lease_id,
+										 TimestampTzPlusMilliseconds(now, REVOKE_RETRY_MS));
+			}
+			break;
+	}
 }
 
-/* Start the keepalives that are due; return ms until the next one is. */
+/*
+ * Keep one lease alive: start an attempt when one is due, or hedge a slow
+ * one.  Returns when to look at it again.
+ */
+static TimestampTz
+renew_lease(EtcdLeaseView *v, TimestampTz now)
+{
+	long		left = TimestampDifferenceMilliseconds(now, v->expires_at);
+	long		timeout = Min((long) etcd_lock_request_timeout, left);
+	int			busy = in_flight_for(v->slot, v->lease_id);
+	TimestampTz next = next_attempt(v->slot, v->lease_id);
+	Attempt    *a;
+
+	if (now >= v->expires_at || left < MIN_ATTEMPT_MS)
+	{
+		/* no attempt can succeed any more; wait for those in flight */
+		if (busy == 0)
+		{
+			int			nlost = etcd_lease_declare_lost(v->slot, v->lease_id, false);
+
+			if (nlost >= 0)
+				report_lost(v->lease_id, nlost, "could not be renewed before it expired");
+			return TimestampTzPlusMilliseconds(now, RETRY_MS);
+		}
+		/* their answers, or curl's timers, wake the loop */
+		return TimestampTzPlusMilliseconds(now, etcd_lock_request_timeout);
+	}
+	if (v->next_due > now)
+		return Min(v->next_due, v->expires_at);
+	if (busy >= MAX_ATTEMPTS)
+		return v->expires_at;	/* an answer or a timeout wakes the loop */
+	if (now < next)
+		return Min(next, v->expires_at);
+	if ((a = free_attempt()) == NULL)
+		return TimestampTzPlusMilliseconds(now, 10);
+
+	/* the member still sitting on the last attempt is slow: try it last */
+	if (busy > 0)
+	{
+		int			i;
+
+		for (i = 0; i < MAX_IN_FLIGHT; i++)
+			if (attempts[i].in_use && attempts[i].kind == ATTEMPT_KEEPALIVE &&
+				attempts[i].slot == v->slot && attempts[i].lease_id == v->lease_id)
+				etcd_endpoint_failed(attempts[i].endpoint);
+	}
+	start_attempt(a, ATTEMPT_KEEPALIVE, v->slot, v->lease_id,
+				  pick_endpoint(v->slot), timeout);
+	next = TimestampTzPlusMilliseconds(now, Max(RETRY_MS, timeout / 3));
+	slot_next_attempt[v->slot] = next;
+	return Min(next, v->expires_at);
+}
+
+/* Revoke a lease given up or lost.  Returns when to look at it again. */
+static TimestampTz
+revoke_lease(EtcdLeaseView *v, TimestampTz now)
+{
+	TimestampTz retry = TimestampTzPlusMilliseconds(now, REVOKE_RETRY_MS);
+	Attempt    *a;
+
+	if (v->next_due > now)
+		return v->next_due;
+	if (in_flight_for(v->slot, v->lease_id) > 0)
+		return retry;
+
+	/* revokes need a token when auth is on; keepalives go on meanwhile */
+	if (etcd_auth_wanted())
+	{
+		if (!auth_in_flight && now >= auth_retry_at && (a = free_attempt()) != NULL)
+			start_attempt(a, ATTEMPT_AUTH, -1, 0, pick_endpoint(-1),
+						  etcd_lock_request_timeout);
+		/* gives the slot up once etcd has surely expired the lease */
+		etcd_lease_revoke_failed(v->slot, v->lease_id, retry);
+		return retry;
+	}
+	if (nrevokes >= MAX_REVOKES || (a = free_attempt()) == NULL)
+		return TimestampTzPlusMilliseconds(now, 10);
+	start_attempt(a, ATTEMPT_REVOKE, v->slot, v->lease_id, pick_endpoint(v->slot),
+				  etcd_lock_request_timeout);
+	/* the answer decides what comes next; look again if it never does */
+	retry = TimestampTzPlusMilliseconds(now, (int64) etcd_lock_request_timeout + REVOKE_RETRY_MS);
+	etcd_lease_slot_defer(v->slot, v->lease_id, retry);
+	return retry;
+}
+
+/* One pass over the lease table; returns ms until the next is needed. */
 static long
-start_due_keepalives(void)
+work(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz next = TimestampTzPlusMilliseconds(now, 10000);
-	int			due[MAX_IN_FLIGHT];
-	int64		ids[MAX_IN_FLIGHT];
-	bool		revoke[MAX_IN_FLIGHT];
-	int			ndue = 0;
-	bool		expired = false;
+	int			n = etcd_lease_table_snapshot(views);
 	int			i;
 
-	LWLockAcquire(etcd_shared->lock, LW_SHARED);
-	for (i = 0; i < etcd_lock_max_locks; i++)
+	for (i = 0; i < n; i++)
 	{
-		EtcdLeaseSlot *s = &etcd_shared->leases[i];
-		TimestampTz expiry;
+		EtcdLeaseView *v = &views[i];
+		TimestampTz when;
 
-		if (s->lease_id <= 0 || s->lost)
-			continue;
-		/*
-		 * Unrenewed for a whole TTL (less a margin): etcd may have let the
-		 * lease go, and another client may hold our locks.  Say so, rather
-		 * than let a partition keep them "held" here.
-		 */
-		expiry = TimestampTzPlusMilliseconds(s->last_renewed,
-											 s->ttl * 1000L - Min(500, s->ttl * 100L));
-		if (!s->revoke && now >= expiry)
-		{
-			expired = true;
-			continue;
-		}
-		if (!s->revoke && expiry < next)
-			next = expiry;
-		if (ka[i].in_flight)
-			continue;
-		if (s->next_keepalive <= now && in_flight + ndue < MAX_IN_FLIGHT)
-		{
-			due[ndue] = i;
-			revoke[ndue] = s->revoke;
-			ids[ndue++] = s->lease_id;
-		}
-		else if (s->next_keepalive < next)
-			next = s->next_keepalive;
+		if (v->state == ETCD_LEASE_RENEWING)
+			when = renew_lease(v, now);
+		else
+			when = revoke_lease(v, now);
+		if (when < next)
+			next = when;
 	}
-	LWLockRelease(etcd_shared->lock);
+	return Max(0, TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next));
+}
 
-	if (expired)
+/* New TLS files: drop the pool made with the old ones; retry at once. */
+static void
+renew_pool(void)
+{
+	int			i;
+
+	for (i = 0; i < MAX_IN_FLIGHT; i++)
 	{
-		for (i = 0; i < etcd_lock_max_locks; i++)
-		{
-			EtcdLeaseSlot *s = &etcd_shared->leases[i];
-			int64		id;
-			int			nlost = 0;
-			Latch	   *owner = NULL;
-
-			LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
-			id = s->lease_id;
-			if (id > 0 && !s->lost && !s->revoke &&
-				now >= TimestampTzPlusMilliseconds(s->last_renewed,
-												   s->ttl * 1000L - Min(500, s->ttl * 100L)))
-				owner = mark_lost(s, &nlost);
-			else
-				id = 0;
-			LWLockRelease(etcd_shared->lock);
-			if (id > 0)
-				report_lost(id, nlost, owner, "could not be renewed within its TTL");
-		}
+		if (!attempts[i].in_use)
+			continue;
+		etcd_transfer_stop(multi, attempts[i].transfer);
+		attempts[i].in_use = false;
+		if (attempts[i].kind != ATTEMPT_AUTH)
+			slot_next_attempt[attempts[i].slot] = 0;
 	}
-
-	if (ndue > 0)
-		etcd_auth_ensure();
-	for (i = 0; i < ndue; i++)
-	{
-		KeepaliveState *k = &ka[due[i]];
-		char		body[64];
-		char	   *url;
-
-		if (k->transfer == NULL)
-			k->transfer = etcd_transfer_create();
-		snprintf(body, sizeof(body), "{\"ID\":\"" INT64_FORMAT "\"}", ids[i]);
-		url = psprintf("%s/v3/lease/%s", etcd_endpoint(preferred),
-					   revoke[i] ? "revoke" : "keepalive");
-		etcd_transfer_start(multi, k->transfer, url, body, etcd_lock_request_timeout);
-		k->lease_id = ids[i];
-		k->in_flight = true;
-		k->revoking = revoke[i];
-		k->sent_at = GetCurrentTimestamp();
-		in_flight++;
-		etcd_stat_add(requests, 1);
-		if (!revoke[i])
-			etcd_stat_add(keepalives, 1);
-	}
-
-	/* at the cap, look again as soon as a place frees up */
-	if (in_flight >= MAX_IN_FLIGHT)
-		return 10;
-	return Max(0, TimestampDifferenceMilliseconds(now, next));
+	nin_flight = 0;
+	nrevokes = 0;
+	auth_in_flight = false;
+	etcd_multi_destroy(multi);
+	multi = etcd_multi_create();
+	tls_generation = etcd_tls_generation();
 }
 
 static void
 worker_exit(int code, Datum arg)
 {
-	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
-	etcd_shared->worker_latch = NULL;
-	etcd_shared->worker_pid = 0;
-	LWLockRelease(etcd_shared->lock);
+	etcd_worker_detach();
 }
 
 void
@@ -294,15 +472,16 @@ etcd_lock_worker_main(Datum arg)
 	BackgroundWorkerUnblockSignals();
 
 	multi = etcd_multi_create();
-	ka = MemoryContextAllocZero(TopMemoryContext,
-								sizeof(KeepaliveState) * etcd_lock_max_locks);
+	slot_lease = MemoryContextAllocZero(TopMemoryContext,
+										sizeof(int64) * etcd_lock_max_locks);
+	slot_next_attempt = MemoryContextAllocZero(TopMemoryContext,
+											   sizeof(TimestampTz) * etcd_lock_max_locks);
+	views = MemoryContextAlloc(TopMemoryContext,
+							   sizeof(EtcdLeaseView) * etcd_lock_max_locks);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "etcd_lock worker",
 									 ALLOCSET_DEFAULT_SIZES);
 
-	LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
-	etcd_shared->worker_latch = MyLatch;
-	etcd_shared->worker_pid = MyProcPid;
-	LWLockRelease(etcd_shared->lock);
+	etcd_worker_attach();
 	before_shmem_exit(worker_exit, (Datum) 0);
 
 	for (;;)
@@ -319,33 +498,14 @@ etcd_lock_worker_main(Datum arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 		}
-
-		/* new TLS files: drop the pool made with the old ones */
 		if (tls_generation != etcd_tls_generation())
-		{
-			for (i = 0; i < etcd_lock_max_locks; i++)
-			{
-				if (!ka[i].in_flight)
-					continue;
-				etcd_transfer_stop(multi, ka[i].transfer);
-				ka[i].in_flight = false;
-				in_flight--;
-				/* retried at once, on the new pool */
-				LWLockAcquire(etcd_shared->lock, LW_EXCLUSIVE);
-				if (etcd_shared->leases[i].lease_id == ka[i].lease_id)
-					etcd_shared->leases[i].next_keepalive = GetCurrentTimestamp();
-				LWLockRelease(etcd_shared->lock);
-			}
-			etcd_multi_destroy(multi);
-			multi = etcd_multi_create();
-			tls_generation = etcd_tls_generation();
-		}
+			renew_pool();
 
-		for (i = 0; i < etcd_lock_max_locks; i++)
-			if (ka[i].in_flight && etcd_transfer_done(ka[i].transfer))
-				finish_keepalive(i);
+		for (i = 0; i < MAX_IN_FLIGHT; i++)
+			if (attempts[i].in_use && etcd_transfer_done(attempts[i].transfer))
+				finish_attempt(&attempts[i]);
 
-		wait_ms = start_due_keepalives();
+		wait_ms = work();
 		etcd_multi_wait(multi, wait_ms);
 	}
 }

@@ -21,24 +21,6 @@ my $BOUND = 10;
 my $etcd = EtcdServer->new(name => 'outage');
 my $node = EtcdServer::pg_node('outage', $etcd->url);
 
-# A process's state from /proc (Linux): 'T' once every one of its threads
-# has stopped, else the state letter of a thread that has not.
-sub proc_state
-{
-	my ($pid) = @_;
-	my @tasks = glob("/proc/$pid/task/*");
-	return '?' unless @tasks;
-	for my $task (@tasks)
-	{
-		open(my $fh, '<', "$task/stat") or return '?';
-		my $line = <$fh>;
-		close $fh;
-		my ($state) = $line =~ /^\d+ \(.*\) (\S)/;
-		return $state // '?' unless ($state // '') eq 'T';
-	}
-	return 'T';
-}
-
 # Run one statement in a background session and wait for its end (polling,
 # at most $limit seconds); returns whether it ended, stdout, stderr, seconds.
 sub run_statement
@@ -158,10 +140,10 @@ for my $sig ('KILL', 'TERM')
 	# and check afterwards that nobody resumed it during the call.
 	$etcd->pause;
 	my $epid = $etcd->pid;
-	ok($etcd->poll_until("$what: etcd stopped", sub { proc_state($epid) eq 'T' }, $BOUND),
+	ok($etcd->poll_until("$what: etcd stopped", sub { EtcdServer::proc_state($epid) eq 'T' }, $BOUND),
 		"$what: etcd is stopped");
 	my ($done, $out, $err, $elapsed) = run_statement($s, q{SELECT etcd_lock('p', 3);}, $BOUND);
-	my $state_after = proc_state($epid);
+	my $state_after = EtcdServer::proc_state($epid);
 	$etcd->resume;
 	is($state_after, 'T', "$what: etcd stayed stopped during the whole call");
 	ok($done, "$what: etcd_lock returns instead of hanging");

@@ -22,13 +22,7 @@ use Time::HiRes qw(time usleep);
 
 my $TOKEN_TTL = 3;
 my $etcd = EtcdCluster->new(name => 'auth', extra => [ '--auth-token-ttl', $TOKEN_TTL ]);
-$etcd->etcdctl('user', 'add', 'root:pw');
-$etcd->etcdctl('role', 'add', 'etcd_lock_role');
-$etcd->etcdctl('role', 'grant-permission', 'etcd_lock_role', '--prefix=true', 'readwrite', 'etcd_lock/');
-$etcd->etcdctl('user', 'add', 'pglock:secret');
-$etcd->etcdctl('user', 'grant-role', 'pglock', 'etcd_lock_role');
-$etcd->etcdctl('auth', 'enable');
-$etcd->{ctl} = [ '--user', 'root:pw' ];
+$etcd->enable_auth;
 like($etcd->etcdctl('role', 'get', 'etcd_lock_role'), qr/KV Read:\s+\[etcd_lock\/, etcd_lock0\)/,
 	'etcd_lock_role may read and write etcd_lock/ only');
 my ($ok, $o, $e) = $etcd->try_etcdctl('--dial-timeout=2s', 'get', 'x');

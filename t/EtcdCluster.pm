@@ -87,6 +87,21 @@ sub start
 	return;
 }
 
+# Turn etcd auth on, with root:pw and a user pglock:secret whose role may
+# read and write etcd_lock/ only; later etcdctl calls run as root.
+sub enable_auth
+{
+	my $self = shift;
+	$self->etcdctl('user', 'add', 'root:pw');
+	$self->etcdctl('role', 'add', 'etcd_lock_role');
+	$self->etcdctl('role', 'grant-permission', 'etcd_lock_role', '--prefix=true', 'readwrite', 'etcd_lock/');
+	$self->etcdctl('user', 'add', 'pglock:secret');
+	$self->etcdctl('user', 'grant-role', 'pglock', 'etcd_lock_role');
+	$self->etcdctl('auth', 'enable');
+	$self->{ctl} = [ '--user', 'root:pw' ];
+	return;
+}
+
 # etcdctl's connection flags for this etcd: endpoint, TLS files, user.
 sub ctl_flags
 {

@@ -186,6 +186,24 @@ etcd_lock.request_timeout = '1s'
 # Package functions shared by the tests (call them as EtcdServer::name)
 # ---------------------------------------------------------------------------
 
+# A process's state from /proc (Linux): 'T' once every one of its threads
+# has stopped, else the state letter of a thread that has not.
+sub proc_state
+{
+	my ($pid) = @_;
+	my @tasks = glob("/proc/$pid/task/*");
+	return '?' unless @tasks;
+	for my $task (@tasks)
+	{
+		open(my $fh, '<', "$task/stat") or return '?';
+		my $line = <$fh>;
+		close $fh;
+		my ($state) = $line =~ /^\d+ \(.*\) (\S)/;
+		return $state // '?' unless ($state // '') eq 'T';
+	}
+	return 'T';
+}
+
 # The lease ID (hex) at the end of a lock handle NAME/<lease>.
 sub lease_of
 {

@@ -217,7 +217,6 @@ typedef struct EtcdLeaseView
 	int			ttl;
 	TimestampTz expires_at;
 	TimestampTz next_due;
-	TimestampTz revoke_until;
 } EtcdLeaseView;
 
 typedef enum EtcdStat

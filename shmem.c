@@ -665,7 +665,6 @@ etcd_lease_table_snapshot(EtcdLeaseView *out)
 		out[n].ttl = s->ttl;
 		out[n].expires_at = s->expires_at;
 		out[n].next_due = s->next_due;
-		out[n].revoke_until = s->revoke_until;
 		n++;
 	}
 	LWLockRelease(shared->lock);

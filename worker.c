@@ -77,7 +77,6 @@ typedef struct Attempt
 } Attempt;
 
 static Attempt attempts[MAX_IN_FLIGHT];
-static int	nin_flight = 0;
 static EtcdMulti *multi;
 static int	tls_generation = 0;	/* of the TLS files multi's pool was made with */
 
@@ -211,7 +210,6 @@ start_attempt(Attempt *a, AttemptKind kind, int slot, int64 lease_id,
 	a->endpoint = endpoint;
 	a->sent_at = GetCurrentTimestamp();
 	a->cut_short = timeout_ms < etcd_lock_request_timeout;
-	nin_flight++;
 	if (kind == ATTEMPT_AUTH)
 		auth_in_flight = true;
 	else if (kind == ATTEMPT_REVOKE)
@@ -245,7 +243,6 @@ finish_attempt(Attempt *a)
 	ok = etcd_transfer_result(a->transfer, &res);
 	etcd_transfer_stop(multi, a->transfer);
 	a->in_use = false;
-	nin_flight--;
 	if (a->kind == ATTEMPT_AUTH)
 		auth_in_flight = false;
 	else if (a->kind == ATTEMPT_REVOKE)
@@ -448,7 +445,6 @@ renew_pool(void)
 		if (attempts[i].kind != ATTEMPT_AUTH)
 			slot_next_attempt[attempts[i].slot] = 0;
 	}
-	nin_flight = 0;
 	nrevokes = 0;
 	auth_in_flight = false;
 	etcd_multi_destroy(multi);

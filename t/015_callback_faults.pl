@@ -245,52 +245,45 @@ no_crash('sanity');
 ok(poll(sub { stats() eq '0/0' && !$etcd->keys('etcd_lock/') && !$etcd->leases }, 2 * $TTL + 5),
 	'sanity: nothing left');
 
+# Open a session, run @$before, take the transaction lock $key, then run
+# $statement with the fault on: its release must end in a WARNING, with
+# SQLSTATE $want for the statement, and nothing may crash.  Returns the
+# session.
+sub under_fault
+{
+	my ($what, $key, $before, $statement, $want) = @_;
+	my $s = session();
+	run_sql($s, $_) for @$before;
+	my ($out) = run_sql($s, "SELECT etcd_xact_lock('$key', $TTL)");
+	like($out, qr{^etcd_lock/$key/[0-9a-f]+$}, "$what the transaction holds $key");
+	fault_on();
+	my (undef, $err, $state) = run_sql($s, $statement);
+	fault_off();
+	released_with_warning("$what $statement", $state, $err, $want);
+	no_crash($what);
+	return $s;
+}
+
 # --- (a) COMMIT ------------------------------------------------------------------
 
-$s = session();
-run_sql($s, 'SET etcd_lock.commit_check = off');
-run_sql($s, 'BEGIN');
-($out) = run_sql($s, "SELECT etcd_xact_lock('k1', $TTL)");
-like($out, qr{^etcd_lock/k1/[0-9a-f]+$}, '(a) the transaction holds k1');
-run_sql($s, 'INSERT INTO t VALUES (1)');
-fault_on();
-($out, $err, $state) = run_sql($s, 'COMMIT');
-fault_off();
-released_with_warning('(a) COMMIT', $state, $err, '00000');
-no_crash('(a)');
+$s = under_fault('(a)', 'k1',
+	[ 'SET etcd_lock.commit_check = off', 'BEGIN', 'INSERT INTO t VALUES (1)' ],
+	'COMMIT', '00000');
 is(sql('SELECT count(*) FROM t WHERE id = 1'), '1', '(a) the row is committed');
 is((run_sql($s, 'SELECT 1'))[0], '1', '(a) the session still answers');
 freed_and_clean('(a)', 'k1', 2 * $TTL + 5, $s);
 
 # --- (b) ROLLBACK ----------------------------------------------------------------
 
-$s = session();
-run_sql($s, 'BEGIN');
-($out) = run_sql($s, "SELECT etcd_xact_lock('k2', $TTL)");
-like($out, qr{^etcd_lock/k2/[0-9a-f]+$}, '(b) the transaction holds k2');
-run_sql($s, 'INSERT INTO t VALUES (2)');
-fault_on();
-($out, $err, $state) = run_sql($s, 'ROLLBACK');
-fault_off();
-released_with_warning('(b) ROLLBACK', $state, $err, '00000');
-no_crash('(b)');
+$s = under_fault('(b)', 'k2', [ 'BEGIN', 'INSERT INTO t VALUES (2)' ], 'ROLLBACK', '00000');
 is(sql('SELECT count(*) FROM t WHERE id = 2'), '0', '(b) the row is not there');
 is((run_sql($s, 'SELECT 1'))[0], '1', '(b) the session still answers');
 freed_and_clean('(b)', 'k2', 2 * $TTL + 5, $s);
 
 # --- (c) ROLLBACK TO SAVEPOINT ------------------------------------------------------
 
-$s = session();
-run_sql($s, 'BEGIN');
-run_sql($s, 'INSERT INTO t VALUES (3)');
-run_sql($s, 'SAVEPOINT s');
-($out) = run_sql($s, "SELECT etcd_xact_lock('k3', $TTL)");
-like($out, qr{^etcd_lock/k3/[0-9a-f]+$}, '(c) the savepoint holds k3');
-fault_on();
-($out, $err, $state) = run_sql($s, 'ROLLBACK TO SAVEPOINT s');
-fault_off();
-released_with_warning('(c) ROLLBACK TO SAVEPOINT', $state, $err, '00000');
-no_crash('(c)');
+$s = under_fault('(c)', 'k3', [ 'BEGIN', 'INSERT INTO t VALUES (3)', 'SAVEPOINT s' ],
+	'ROLLBACK TO SAVEPOINT s', '00000');
 ($out, $err, $state) = run_sql($s, 'COMMIT');
 is($state, '00000', '(c) the transaction then commits') or diag("(c) COMMIT: $err");
 is(sql('SELECT count(*) FROM t WHERE id = 3'), '1', '(c) its row is committed');
@@ -299,15 +292,7 @@ freed_and_clean('(c)', 'k3', 2 * $TTL + 5, $s);
 
 # --- (d) an error aborts the transaction -------------------------------------------
 
-$s = session();
-run_sql($s, 'BEGIN');
-($out) = run_sql($s, "SELECT etcd_xact_lock('k4', $TTL)");
-like($out, qr{^etcd_lock/k4/[0-9a-f]+$}, '(d) the transaction holds k4');
-fault_on();
-($out, $err, $state) = run_sql($s, 'SELECT 1/0');
-fault_off();
-released_with_warning('(d) SELECT 1/0', $state, $err, '22012');
-no_crash('(d)');
+$s = under_fault('(d)', 'k4', ['BEGIN'], 'SELECT 1/0', '22012');
 ($out, $err, $state) = run_sql($s, 'ROLLBACK');
 is($state, '00000', '(d) ROLLBACK succeeds') or diag("(d) ROLLBACK: $err");
 is((run_sql($s, 'SELECT 1'))[0], '1', '(d) the session still answers');

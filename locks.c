@@ -109,7 +109,8 @@ static void lease_users(int i, int delta);
 static void lease_found_lost(int i);
 static void lease_unuse(int i);
 static void lease_forget(int i);
-static bool lease_drop(int i, bool try_now);
+static bool revoke_given_up(int slot, int64 id, int elevel);
+static void lease_drop(int i);
 static int	lease_for_ttl(int ttl);
 static void lock_forget(LocalLock *lock);
 static void queue_release(LocalLock *lock);
@@ -193,33 +194,48 @@ lease_forget(int i)
 }
 
 /*
- * Revoke a lease we no longer need, and forget it.  Renewal stops first (a
- * keepalive racing the revoke would report a loss).  If etcd does not
- * answer, the worker takes the revoke over and retries it: a request that
- * timed out may still be applied when etcd recovers, and the key it creates
- * must not stay until the lease expires.  Returns whether the revoke went
- * through; without try_now the worker does it all.
+ * Revoke a lease given up (REVOKING: the worker leaves it to us for
+ * backend_grace_ms).  On success its slot is freed.  If etcd does not
+ * answer, or the request raises an ERROR (elevel ERROR), the worker takes
+ * the revoke over at once: a request that timed out may still be applied
+ * when etcd recovers, and its keys must not stay until the lease expires.
  */
 static bool
-lease_drop(int i, bool try_now)
+revoke_given_up(int slot, int64 id, int elevel)
+{
+	bool		ok;
+
+	PG_TRY();
+	{
+		ok = etcd_lease_revoke(id, elevel);
+	}
+	PG_CATCH();
+	{
+		etcd_lease_slot_give_up(slot, id, 0);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	if (ok)
+		etcd_lease_slot_revoked(slot, id);
+	else
+		etcd_lease_slot_give_up(slot, id, 0);
+	return ok;
+}
+
+/*
+ * Revoke a lease we no longer need, and forget it.  Renewal stops first: a
+ * keepalive racing the revoke would report a loss.
+ */
+static void
+lease_drop(int i)
 {
 	int64		id = leases[i].id;
 	int			slot = leases[i].slot;
 
 	leases[i].id = 0;
-	if (!try_now)
-	{
-		etcd_lease_slot_give_up(slot, id, 0);
-		return false;
-	}
+	leases[i].nusers = 0;
 	etcd_lease_slot_give_up(slot, id, backend_grace_ms());
-	if (etcd_lease_revoke(id, WARNING))
-	{
-		etcd_lease_slot_revoked(slot, id);
-		return true;
-	}
-	etcd_lease_slot_give_up(slot, id, 0);
-	return false;
+	revoke_given_up(slot, id, WARNING);
 }
 
 /*
@@ -245,17 +261,7 @@ reserve_lease_slot(void)
 					 errdetail("Each of the %d lease slots carries a lock.",
 							   etcd_lock_max_locks),
 					 errhint("Increase etcd_lock.max_locks.")));
-		PG_TRY();
-		{
-			etcd_lease_revoke(victim, ERROR);
-		}
-		PG_CATCH();
-		{
-			etcd_lease_slot_give_up(vslot, victim, 0);
-			PG_RE_THROW();
-		}
-		PG_END_TRY();
-		etcd_lease_slot_revoked(vslot, victim);
+		revoke_given_up(vslot, victim, ERROR);
 	}
 }
 
@@ -656,10 +662,7 @@ abandon_wait(int lease_i, const char *mykey)
 	PG_TRY();
 	{
 		if (lease->nusers == 1 && !lease->lost)
-		{
-			lease->nusers = 0;
-			lease_drop(lease_i, true);
-		}
+			lease_drop(lease_i);
 		else if (lease->lost)
 			lease_unuse(lease_i);
 		else
@@ -1115,17 +1118,7 @@ etcd_lock_release_all(void)
 		leases[i].id = 0;
 		leases[i].nusers = 0;
 		etcd_lease_slot_give_up(slot, id, backend_grace_ms());
-		PG_TRY();
-		{
-			etcd_lease_revoke(id, ERROR);
-		}
-		PG_CATCH();
-		{
-			etcd_lease_slot_give_up(slot, id, 0);
-			PG_RE_THROW();
-		}
-		PG_END_TRY();
-		etcd_lease_slot_revoked(slot, id);
+		revoke_given_up(slot, id, ERROR);
 	}
 
 	for (i = 0; i < nnames; i++)
@@ -1421,13 +1414,10 @@ etcd_lock_exit(int code, Datum arg)
 			if (leases[i].id == 0)
 				continue;
 			/* one failure is enough: the worker revokes the rest */
-			if (reachable && etcd_lease_revoke(leases[i].id, WARNING))
-				etcd_lease_slot_revoked(leases[i].slot, leases[i].id);
+			if (reachable)
+				reachable = revoke_given_up(leases[i].slot, leases[i].id, WARNING);
 			else
-			{
-				reachable = false;
 				etcd_lease_slot_give_up(leases[i].slot, leases[i].id, 0);
-			}
 			leases[i].id = 0;
 		}
 		etcd_set_deadline(0);

@@ -118,6 +118,14 @@ report_lost(int64 lease_id, int nlost, const char *why)
 						   nlost, (unsigned long long) lease_id, why, nlost)));
 }
 
+/* Whether attempt a is a request in flight for this lease. */
+static inline bool
+attempt_on(const Attempt *a, int slot, int64 lease_id)
+{
+	return a->in_use && a->kind != ATTEMPT_AUTH &&
+		a->slot == slot && a->lease_id == lease_id;
+}
+
 /* Attempts in flight for this lease. */
 static int
 in_flight_for(int slot, int64 lease_id)
@@ -126,8 +134,7 @@ in_flight_for(int slot, int64 lease_id)
 	int			i;
 
 	for (i = 0; i < MAX_IN_FLIGHT; i++)
-		n += attempts[i].in_use && attempts[i].kind != ATTEMPT_AUTH &&
-			attempts[i].slot == slot && attempts[i].lease_id == lease_id;
+		n += attempt_on(&attempts[i], slot, lease_id);
 	return n;
 }
 
@@ -143,9 +150,9 @@ next_attempt(int slot, int64 lease_id)
 	return slot_next_attempt[slot];
 }
 
-/* The member for a new attempt on slot: the best one not already tried. */
+/* The member for a new attempt on a lease: the best one not busy with it. */
 static int
-pick_endpoint(int slot)
+pick_endpoint(int slot, int64 lease_id)
 {
 	int		   *order = palloc(sizeof(int) * etcd_endpoint_count());
 	int			n = etcd_endpoint_order(order);
@@ -157,8 +164,8 @@ pick_endpoint(int slot)
 		int			j;
 
 		for (j = 0; j < MAX_IN_FLIGHT; j++)
-			busy |= attempts[j].in_use && attempts[j].slot == slot &&
-				attempts[j].kind != ATTEMPT_AUTH && attempts[j].endpoint == order[i];
+			busy |= attempt_on(&attempts[j], slot, lease_id) &&
+				attempts[j].endpoint == order[i];
 		if (!busy)
 			return order[i];
 	}
@@ -251,8 +258,8 @@ finish_attempt(Attempt *a)
 		etcd_stat_add(ETCD_STAT_FAILURES, 1);
 	if (member_failed(a, ok, &res))
 		etcd_endpoint_failed(a->endpoint);
-	else
-		etcd_endpoint_ok(a->endpoint);
+	else if (!res.timed_out)
+		etcd_endpoint_ok(a->endpoint);	/* it answered */
 
 	switch (a->kind)
 	{
@@ -363,12 +370,11 @@ renew_lease(EtcdLeaseView *v, TimestampTz now)
 		int			i;
 
 		for (i = 0; i < MAX_IN_FLIGHT; i++)
-			if (attempts[i].in_use && attempts[i].kind == ATTEMPT_KEEPALIVE &&
-				attempts[i].slot == v->slot && attempts[i].lease_id == v->lease_id)
+			if (attempt_on(&attempts[i], v->slot, v->lease_id))
 				etcd_endpoint_failed(attempts[i].endpoint);
 	}
 	start_attempt(a, ATTEMPT_KEEPALIVE, v->slot, v->lease_id,
-				  pick_endpoint(v->slot), timeout);
+				  pick_endpoint(v->slot, v->lease_id), timeout);
 	next = TimestampTzPlusMilliseconds(now, Max(RETRY_MS, timeout / 3));
 	slot_next_attempt[v->slot] = next;
 	return Min(next, v->expires_at);
@@ -390,7 +396,7 @@ revoke_lease(EtcdLeaseView *v, TimestampTz now)
 	if (etcd_auth_wanted())
 	{
 		if (!auth_in_flight && now >= auth_retry_at && (a = free_attempt()) != NULL)
-			start_attempt(a, ATTEMPT_AUTH, -1, 0, pick_endpoint(-1),
+			start_attempt(a, ATTEMPT_AUTH, -1, 0, pick_endpoint(-1, 0),
 						  etcd_lock_request_timeout);
 		/* gives the slot up once etcd has surely expired the lease */
 		etcd_lease_revoke_failed(v->slot, v->lease_id, retry);
@@ -398,7 +404,7 @@ revoke_lease(EtcdLeaseView *v, TimestampTz now)
 	}
 	if (nrevokes >= MAX_REVOKES || (a = free_attempt()) == NULL)
 		return TimestampTzPlusMilliseconds(now, 10);
-	start_attempt(a, ATTEMPT_REVOKE, v->slot, v->lease_id, pick_endpoint(v->slot),
+	start_attempt(a, ATTEMPT_REVOKE, v->slot, v->lease_id, pick_endpoint(v->slot, v->lease_id),
 				  etcd_lock_request_timeout);
 	/* the answer decides what comes next; look again if it never does */
 	retry = TimestampTzPlusMilliseconds(now, (int64) etcd_lock_request_timeout + REVOKE_RETRY_MS);

@@ -29,6 +29,7 @@
 #include "storage/latch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
+#include "utils/wait_event.h"
 
 #include "etcd_lock.h"
 
@@ -291,6 +292,41 @@ etcd_request_time_limit(void)
 }
 
 /* ----------------------------------------------------------------
+ * PostgreSQL version differences, all here
+ * ----------------------------------------------------------------
+ */
+
+/* The wait_event_info of what this process waits for. */
+static uint32
+wait_event_info(EtcdWait what)
+{
+#if PG_VERSION_NUM >= 170000
+	static const char *const names[ETCD_NWAITS] = {
+		"EtcdLockWait", "EtcdRequest", "EtcdLeaseWorker"
+	};
+	static uint32 info[ETCD_NWAITS];
+
+	/* registered once per cluster, looked up once per process */
+	if (info[what] == 0)
+		info[what] = WaitEventExtensionNew(names[what]);
+	return info[what];
+#else
+	return PG_WAIT_EXTENSION;
+#endif
+}
+
+/* A wait event set that lives until freed, owned by no resource owner. */
+static WaitEventSet *
+create_wait_event_set(int nevents)
+{
+#if PG_VERSION_NUM >= 170000
+	return CreateWaitEventSet(NULL, nevents);
+#else
+	return CreateWaitEventSet(TopMemoryContext, nevents);
+#endif
+}
+
+/* ----------------------------------------------------------------
  * The multi driver
  * ----------------------------------------------------------------
  */
@@ -516,7 +552,7 @@ etcd_transfer_done(EtcdTransfer *t)
  * was set.  The caller decides whether to CHECK_FOR_INTERRUPTS().
  */
 bool
-etcd_multi_wait(EtcdMulti *m, long max_wait_ms)
+etcd_multi_wait(EtcdMulti *m, long max_wait_ms, EtcdWait what)
 {
 	WaitEvent	events[ETCD_MAX_SOCKETS + 2];
 	long		timeout = -1;
@@ -544,7 +580,7 @@ etcd_multi_wait(EtcdMulti *m, long max_wait_ms)
 			if (m->set)
 				FreeWaitEventSet(m->set);
 			m->set = NULL;
-			set = CreateWaitEventSet(TopMemoryContext, m->nsocks + 2);
+			set = create_wait_event_set(m->nsocks + 2);
 			PG_TRY();
 			{
 				AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
@@ -572,7 +608,7 @@ etcd_multi_wait(EtcdMulti *m, long max_wait_ms)
 			m->set_stale = false;
 		}
 		nevents = WaitEventSetWait(m->set, timeout, events, lengthof(events),
-								   PG_WAIT_EXTENSION);
+								   wait_event_info(what));
 	}
 
 	for (i = 0; i < nevents; i++)
@@ -741,7 +777,7 @@ run_unary(void)
 	{
 		while (!unary->done)
 		{
-			etcd_multi_wait(backend_multi, -1);
+			etcd_multi_wait(backend_multi, -1, ETCD_WAIT_REQUEST);
 			CHECK_FOR_INTERRUPTS();
 		}
 	}
@@ -1233,7 +1269,7 @@ watch_failed(void)
 	etcd_endpoint_failed(watch_endpoint);
 	while ((ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), until)) > 0)
 	{
-		etcd_multi_wait(backend_multi, ms);
+		etcd_multi_wait(backend_multi, ms, ETCD_WAIT_REQUEST);
 		CHECK_FOR_INTERRUPTS();
 	}
 	return ETCD_WATCH_ENDED;
@@ -1278,7 +1314,7 @@ etcd_watch_wait(TimestampTz deadline)
 		if (deadline != 0 && deadline < until)
 			until = deadline;
 		wait_ms = Max(1, TimestampDifferenceMilliseconds(now, until));
-		if (etcd_multi_wait(backend_multi, wait_ms))
+		if (etcd_multi_wait(backend_multi, wait_ms, ETCD_WAIT_LOCK))
 		{
 			CHECK_FOR_INTERRUPTS();
 			return ETCD_WATCH_WAKEUP;

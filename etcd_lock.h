@@ -116,6 +116,18 @@ extern EtcdWatchEvent etcd_watch_wait(TimestampTz deadline);
 extern void etcd_watch_stop(void);
 extern int64 etcd_watch_revision(void);
 
+/*
+ * What a process waits for, shown in pg_stat_activity.wait_event: named
+ * events on PostgreSQL 17 and later, plain "Extension" before.
+ */
+typedef enum EtcdWait
+{
+	ETCD_WAIT_LOCK,				/* EtcdLockWait: a lock held elsewhere */
+	ETCD_WAIT_REQUEST,			/* EtcdRequest: an answer from etcd */
+	ETCD_WAIT_WORKER,			/* EtcdLeaseWorker: the worker, idle or renewing */
+	ETCD_NWAITS
+} EtcdWait;
+
 /* multi driver, shared by backends and the worker */
 extern EtcdMulti *etcd_multi_create(void);
 extern void etcd_multi_destroy(EtcdMulti *m);
@@ -126,7 +138,7 @@ extern void etcd_transfer_stop(EtcdMulti *m, EtcdTransfer *t);
 extern void etcd_transfer_set_auth(EtcdTransfer *t, bool with_auth);
 extern bool etcd_transfer_done(EtcdTransfer *t);
 extern bool etcd_transfer_result(EtcdTransfer *t, EtcdResult *res);
-extern bool etcd_multi_wait(EtcdMulti *m, long max_wait_ms);
+extern bool etcd_multi_wait(EtcdMulti *m, long max_wait_ms, EtcdWait what);
 
 /* JSON and base64 helpers */
 extern char *etcd_b64(const char *data, int len);

@@ -99,8 +99,13 @@ etcd_worker_register(void)
 	BackgroundWorker worker;
 
 	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS;
-	worker.bgw_start_time = BgWorkerStart_PostmasterStart;
+	/*
+	 * Connected to no database, only so that it has a row in
+	 * pg_stat_activity and pg_terminate_backend() can restart it; that needs
+	 * the server to have reached a consistent state first.
+	 */
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_ConsistentState;
 	worker.bgw_restart_time = 1;
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, "etcd_lock");
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "etcd_lock_worker_main");
@@ -472,6 +477,7 @@ etcd_lock_worker_main(Datum arg)
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 
 	multi = etcd_multi_create();
 	slot_lease = MemoryContextAllocZero(TopMemoryContext,
@@ -508,6 +514,6 @@ etcd_lock_worker_main(Datum arg)
 				finish_attempt(&attempts[i]);
 
 		wait_ms = work();
-		etcd_multi_wait(multi, wait_ms);
+		etcd_multi_wait(multi, wait_ms, ETCD_WAIT_WORKER);
 	}
 }

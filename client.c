@@ -694,10 +694,16 @@ parse_result(EtcdTransfer *t, const char *body, size_t len, EtcdResult *res)
 	err = cJSON_GetObjectItemCaseSensitive(res->json, "error");
 	if (cJSON_IsObject(err))
 	{
+		/* 3.4 says grpc_code and http_code; 3.5 says code only */
 		res->kind = ETCD_RES_ERROR;
 		res->error = json_message(err);
 		res->grpc_code = (int) etcd_json_int64(err, "grpc_code");
-		res->http_status = etcd_json_int64(err, "http_code");
+		if (res->grpc_code == 0)
+			res->grpc_code = (int) etcd_json_int64(err, "code");
+		if (etcd_json_int64(err, "http_code") != 0)
+			res->http_status = etcd_json_int64(err, "http_code");
+		else if (res->grpc_code == 14)
+			res->http_status = 503;		/* Unavailable: worth another member */
 		return false;
 	}
 	res->kind = ETCD_RES_OK;

@@ -71,9 +71,24 @@ check_endpoints(char **newval, void **extra, GucSource source)
 
 	for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save))
 	{
+		const char *path;
+
 		if (strncmp(tok, "http://", 7) != 0 && strncmp(tok, "https://", 8) != 0)
 		{
 			GUC_check_errdetail("Endpoint \"%s\" is not an http:// or https:// URL.", tok);
+			pfree(copy);
+			return false;
+		}
+
+		/*
+		 * Paths are appended as "/v3/...".  With a path of its own, etcd 3.5
+		 * answers 404 "Not Found" as JSON with code 5, which reads like its
+		 * own "lease not found".
+		 */
+		path = strchr(strstr(tok, "://") + 3, '/');
+		if (path != NULL && strspn(path, "/") != strlen(path))
+		{
+			GUC_check_errdetail("Endpoint \"%s\" has a path; give the scheme, host and port only.", tok);
 			pfree(copy);
 			return false;
 		}

@@ -63,6 +63,8 @@ SELECT expect_error($$SELECT etcd_lock('x', -5)$$);
 -- the ttl has a maximum, and no value overflows the time arithmetic
 SELECT expect_error($$SELECT etcd_lock('x', 86401)$$);
 SELECT expect_error($$SELECT etcd_lock('x', 2147483647)$$);
+-- an endpoint is scheme, host and port: "/v3/..." is appended to it
+ALTER SYSTEM SET etcd_lock.endpoints = 'http://127.0.0.1:2379/v3';
 SELECT expect_error($$SELECT etcd_try_lock('x', 5, '-1 second')$$);
 SELECT expect_error($$SELECT etcd_lock(repeat('n', 300))$$);
 SELECT etcd_unlock(NULL);

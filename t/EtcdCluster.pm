@@ -2,7 +2,7 @@
 #
 # etcds for the TAP tests of secured setups, built on EtcdServer: a TLS etcd
 # that asks for client certificates, an etcd with auth enabled, and a
-# 3-member cluster started all at once.  Also makes the test PKI with
+# 3-member cluster bootstrapped together.  Also makes the test PKI with
 # openssl, and small helpers the tests 009-012 share: SQL with SQLSTATEs
 # from a background session, settings changed by ALTER SYSTEM and reload,
 # and process facts from /proc.  (Its etcds are stopped by EtcdServer's END;
@@ -13,7 +13,7 @@ use strict;
 use warnings;
 
 use EtcdServer;
-use Digest::SHA;
+use File::Path;
 use IPC::Run;
 use JSON::PP;
 use Math::BigInt;
@@ -160,7 +160,6 @@ sub status
 	return {
 		member_id => "$st->{header}{member_id}",
 		leader => "$st->{leader}",
-		member_hex => lc(Math::BigInt->new("$st->{header}{member_id}")->as_hex =~ s/^0x//r),
 	};
 }
 
@@ -205,20 +204,41 @@ sub grpc_calls
 	return $self->metric($re);
 }
 
-# etcd 3.4's ID of a member of a new cluster: the first 8 bytes, big-endian,
-# of sha1(its sorted peer URLs . the cluster token), as a 16-digit hex string
-# (membership.NewMember with no time).
-sub member_id
+# The cluster's members as etcd itself lists them (`etcdctl member list -w
+# json`, asked of this member): { name => ID }, the uint64 IDs as exact
+# decimal strings; undef when it does not answer.
+sub member_ids
 {
-	my ($peer_url, $token) = @_;
-	return unpack('H16', Digest::SHA::sha1($peer_url . $token));
+	my $self = shift;
+	my ($ok, $out) = $self->try_etcdctl('--dial-timeout=2s', '--command-timeout=5s',
+		'member', 'list', '-w', 'json');
+	return undef unless $ok;
+	my $j = eval { JSON::PP->new->allow_bignum->decode($out) } or return undef;
+	return { map { $_->{name} => Math::BigInt->new("$_->{ID}")->bstr } @{ $j->{members} // [] } };
 }
 
-# A cluster of $n members started at once; returns the members.
+# Whether a uint64 member ID (a decimal string) is at least 2^63.
+sub id_is_high
+{
+	my ($id) = @_;
+	return Math::BigInt->new($id) >= Math::BigInt->new(2)->bpow(63);
+}
+
+# A cluster of $n members started at once; returns the members, each with
+# {id}: its member ID as etcd's own answers give it (member list, confirmed
+# by the member's own endpoint status), an exact decimal string.
 #
-# high_ids => 1 picks the cluster token so that every member ID is above
-# 2^63, as about half of real member IDs are: a client that reads these
-# uint64 IDs as int64 then cannot tell the members apart.
+# high_ids => 1 asks for every member ID at or above 2^63, as about half of
+# real member IDs are: a client that reads these uint64 IDs as int64 then
+# cannot tell the members apart.  etcd derives the IDs of a new cluster's
+# members from its bootstrap (peer URLs, cluster token) in a way this module
+# does not presume to know: it starts the cluster with one token after
+# another, wiping the members' data in between, until etcd reports such IDs,
+# for at most $MAX_TOKENS tokens (each has a 1 in 2^$n chance).  Should none
+# do, it keeps the last cluster and sets {high_ids} to 0 in every member, so
+# that the test can say it ran without that coverage.
+my $MAX_TOKENS = 60;
+
 sub cluster
 {
 	my ($class, $n, %opts) = @_;
@@ -226,26 +246,67 @@ sub cluster
 	my $high = delete $opts{high_ids};
 	my @m = map { $class->new(%opts, name => "$name$_", no_start => 1) } 1 .. $n;
 	my $initial = join ',', map { "$_->{name}=" . $_->peer_url } @m;
-	my $token = "$name-token";
-	if ($high)
+	my $ids;
+	for my $try (1 .. ($high ? $MAX_TOKENS : 1))
 	{
-		for my $try (0 .. 10000)
+		my $token = $high ? "$name-token-$try" : "$name-token";
+		$ids = start_members($token, $initial, @m);
+		if (!$high || !grep { !id_is_high($_) } values %$ids)
 		{
-			$token = "$name-token-$try";
-			last unless grep { member_id($_->peer_url, $token) !~ /^[89a-f]/ } @m;
+			$_->{high_ids} = $high ? 1 : 0 for @m;
+			last;
+		}
+		note "cluster token $token: member IDs " . join(' ', map { $ids->{ $_->{name} } } @m)
+		  . ', not all at or above 2^63';
+		if ($try == $MAX_TOKENS)
+		{
+			diag "no cluster token out of $MAX_TOKENS gave member IDs all at or above 2^63";
+			$_->{high_ids} = 0 for @m;
+			last;
+		}
+		for my $mb (@m)
+		{
+			$mb->stop('KILL');
+			File::Path::rmtree("$mb->{dir}/data");
 		}
 	}
-	for my $m (@m)
+	$_->{id} = $ids->{ $_->{name} } for @m;
+	return @m;
+}
+
+# Start the members of a new cluster with cluster token $token, wait until
+# each serves, and return their IDs by name as etcd lists them, checked
+# against what each member says of itself.
+#
+# The members are launched 0.1 s apart: a new member first asks its peers
+# whether it already belongs to their cluster, and waits about a second for
+# each peer that has bound its port but does not serve yet, which all do
+# when launched at the same instant (a cluster then takes over 2 s to serve,
+# against well under 1 s this way).  This only saves time.
+sub start_members
+{
+	my ($token, $initial, @m) = @_;
+	for my $i (0 .. $#m)
 	{
-		$m->{initial_cluster} = $initial;
-		$m->{cluster_token} = $token;
-		$m->{expected_id} = member_id($m->peer_url, $token);
-		$m->{no_wait} = 1;
-		$m->start;
+		my $mb = $m[$i];
+		$mb->{initial_cluster} = $initial;
+		$mb->{cluster_token} = $token;
+		$mb->{no_wait} = 1;
+		$mb->start;
+		usleep(100_000) if $i < $#m;
 	}
 	$_->wait_healthy for @m;
 	$_->{no_wait} = 0 for @m;
-	return @m;
+	my $ids = $m[0]->member_ids or die "etcdctl member list failed on $m[0]{name}";
+	die 'etcd lists members ' . join(',', sort keys %$ids) . ', not ' . join(',', map { $_->{name} } @m)
+	  unless join(',', sort keys %$ids) eq join(',', sort map { $_->{name} } @m);
+	for my $mb (@m)
+	{
+		my $st = $mb->status or die "etcdctl endpoint status failed on $mb->{name}";
+		die "$mb->{name} says its ID is $st->{member_id}, member list says $ids->{ $mb->{name} }"
+		  unless $st->{member_id} eq $ids->{ $mb->{name} };
+	}
+	return $ids;
 }
 
 # ---------------------------------------------------------------------------
@@ -286,9 +347,10 @@ sub openssl
 	return $out;
 }
 
-# Two CAs; a server certificate (serverAuth and clientAuth, which etcd 3.4's
-# gateway needs, for 127.0.0.1 and localhost) and a client certificate from
-# CA 1; a client certificate from CA 2.  Keys are P-256 EC.  Returns the paths.
+# Two CAs; a server certificate (serverAuth and clientAuth, which the gateway
+# of etcd 3.4 and 3.5 needs, for 127.0.0.1 and localhost) and a client
+# certificate from CA 1; a client certificate from CA 2.  Keys are P-256 EC.
+# Returns the paths.
 sub make_pki
 {
 	my $dir = PostgreSQL::Test::Utils::tempdir('pki');

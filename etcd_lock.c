@@ -107,9 +107,17 @@ static void
 assign_endpoints(const char *newval, void *extra)
 {
 	etcd_endpoints_changed();
-	/* a token belongs to one cluster; another etcd may hang on it */
 	if (etcd_lock_endpoints == NULL || strcmp(etcd_lock_endpoints, newval) != 0)
+	{
+		/* a token belongs to one cluster; another etcd may hang on it */
 		etcd_auth_reset();
+
+		/*
+		 * Pooled connections belong to the old endpoints: libcurl 8 reuses
+		 * an https connection for an http:// URL to the same host and port.
+		 */
+		etcd_tls_changed();
+	}
 }
 
 /*

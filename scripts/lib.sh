@@ -76,3 +76,21 @@ start_etcd() {
     cat "$dir/etcd.log" >&2
     return 1
 }
+
+# fetch_etcd35 DIR: Debian 13's etcd-server and etcd-client (3.5.16),
+# downloaded into DIR with a private apt state and unpacked, without
+# installing anything.  The binaries need only libc.  Prints their directory.
+fetch_etcd35() {
+    local dir=$1 f
+    local apt=(-o Dir::Etc::SourceList="$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+               -o Dir::State::Lists="$dir/lists" -o Dir::Cache="$dir/cache")
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+    echo 'deb http://deb.debian.org/debian trixie main' > "$dir/sources.list"
+    (cd "$dir" && apt-get "${apt[@]}" -qq update &&
+        apt-get "${apt[@]}" -qq download etcd-server etcd-client) >/dev/null 2>&1
+    for f in "$dir"/etcd-*.deb; do
+        dpkg-deb -x "$f" "$dir/x"
+    done
+    chmod -R a+rX "$dir"
+    echo "$dir/x/usr/bin"
+}

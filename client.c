@@ -599,7 +599,7 @@ etcd_multi_wait(EtcdMulti *m, long max_wait_ms, EtcdWait what)
 			}
 			PG_CATCH();
 			{
-				/* PostgreSQL 15 does not track wait event sets in resource owners */
+				/* owned by no resource owner (see create_wait_event_set): free it here */
 				FreeWaitEventSet(set);
 				PG_RE_THROW();
 			}

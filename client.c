@@ -268,7 +268,7 @@ json_message(cJSON *obj)
 		msg = cJSON_GetObjectItemCaseSensitive(obj, "error");
 	if (cJSON_IsString(msg))
 		return pstrdup(msg->valuestring);
-	return pstrdup("etcd gave no error message");
+	return pstrdup("etcd gave no error message.");
 }
 
 /* Fill *res from a finished transfer whose body is body[0..len). */
@@ -281,7 +281,7 @@ parse_result(const char *body, size_t len, EtcdResult *res)
 	if (res->json == NULL || !cJSON_IsObject(res->json))
 	{
 		res->kind = ETCD_RES_PROTOCOL;
-		res->error = psprintf("HTTP status %ld with a body that is not a JSON object",
+		res->error = psprintf("The answer has HTTP status %ld and a body that is not a JSON object.",
 							  res->http_status);
 		res->json = NULL;
 		return false;
@@ -396,7 +396,7 @@ request_once(int idx, const char *path, const char *body, bool with_auth,
 		memset(res, 0, sizeof(EtcdResult));
 		res->kind = ETCD_RES_TRANSPORT;
 		res->timed_out = true;
-		res->error = pstrdup("no time was left for the request");
+		res->error = pstrdup("No time was left for the request.");
 		res->endpoint = endpoints[idx];
 		return false;
 	}
@@ -646,7 +646,7 @@ etcd_auth_accept(bool ok, EtcdResult *res)
 	if (!cJSON_IsString(token))
 	{
 		res->kind = ETCD_RES_PROTOCOL;
-		res->error = pstrdup("etcd's authenticate answer has no token");
+		res->error = pstrdup("etcd's answer to authenticate has no token.");
 		return false;
 	}
 	free(auth_token);

@@ -506,7 +506,7 @@ etcd_transfer_result(EtcdTransfer *t, EtcdHttpResult *r)
 	r->body = t->buf ? t->buf : "";
 	r->len = t->len;
 	if (t->too_big)
-		r->error = "response larger than " CppAsString2(ETCD_MAX_BODY_MB) " MB";
+		r->error = "The response is larger than " CppAsString2(ETCD_MAX_BODY_MB) " MB, more than etcd ever sends.";
 	else if (t->code != CURLE_OK)
 		r->error = t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->code);
 	else

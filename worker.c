@@ -314,7 +314,7 @@ finish_attempt(Attempt *a)
 					ok = false;
 					etcd_stat_add(ETCD_STAT_FAILURES, 1);
 					etcd_endpoint_failed(a->endpoint);
-					res.error = pstrdup("keepalive answer without a valid result");
+					res.error = pstrdup("The keepalive answer has no valid result.");
 				}
 				if (ok && ttl > 0)
 					etcd_lease_renewed(a->slot, a->lease_id, a->sent_at,

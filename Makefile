@@ -5,6 +5,7 @@ OBJS = \
 	$(WIN32RES) \
 	client.o \
 	etcd_lock.o \
+	grpc.o \
 	http.o \
 	locks.o \
 	recipe.o \

@@ -41,6 +41,10 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# The JVM of the JDBC test keeps its performance data in
+# /tmp/hsperfdata_postgres, and leaves that directory behind, empty.
+hsperf=/tmp/hsperfdata_postgres
+[ -e "$hsperf" ] && hsperf=
 work=
 cleanup() {
     local status=$?
@@ -48,6 +52,7 @@ cleanup() {
     trap - EXIT INT TERM
     stop_etcd
     [ -n "$work" ] && rm -rf "$work"
+    [ -n "$hsperf" ] && rmdir "$hsperf" 2>/dev/null
     [ "$status" = 130 ] && echo "== interrupted" >&2
     exit "$status"
 }

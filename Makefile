@@ -5,6 +5,7 @@ OBJS = \
 	$(WIN32RES) \
 	client.o \
 	etcd_lock.o \
+	http.o \
 	locks.o \
 	recipe.o \
 	shmem.o \
@@ -27,3 +28,6 @@ EXTRA_CLEAN = tmp_regress regress.conf
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# PGXS tracks no header dependencies: rebuild everything when a header changes
+$(OBJS): $(wildcard *.h)

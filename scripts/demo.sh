@@ -35,18 +35,21 @@ cleanup() {
             tail -n 20 "$f" >&2
         done
     fi
-    for s in "${!sess_fd[@]}"; do
-        fd=${sess_fd[$s]}
-        { exec {fd}>&-; } 2>/dev/null
-    done
-    for p in "${sess_pid[@]}" "${bg_pids[@]}"; do
-        kill "$p" 2>/dev/null
-    done
-    if [ -n "$pg_data" ] && [ -f "$pg_data/postmaster.pid" ]; then
-        as_postgres "$PG_BIN/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null 2>&1
-    fi
-    stop_etcd
-    wait 2>/dev/null
+    # quietly: bash would report each background job that a Ctrl-C killed
+    {
+        for s in "${!sess_fd[@]}"; do
+            fd=${sess_fd[$s]}
+            exec {fd}>&-
+        done
+        for p in "${sess_pid[@]}" "${bg_pids[@]}"; do
+            kill "$p"
+        done
+        if [ -n "$pg_data" ] && [ -f "$pg_data/postmaster.pid" ]; then
+            as_postgres "$PG_BIN/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null
+        fi
+        stop_etcd
+        wait
+    } 2>/dev/null
     [ -n "$work" ] && rm -rf "$work"
     if [ "$status" = 130 ] || [ "$status" = 143 ]; then
         echo "demo.sh: interrupted; stopped and removed what it had started" >&2

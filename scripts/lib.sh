@@ -200,9 +200,15 @@ CONF
 
     echo "== TAP${*:+: $*}"
     rc=0
-    as_postgres env PATH="$PATH" make -C "$build" -s installcheck REGRESS= \
+    # The TAP nodes' socket directories go to TMPDIR, and stay there when a
+    # test fails (PostgreSQL::Test::Utils keeps them for a post-mortem):
+    # under WORK, they go with it.
+    mkdir -p "$work/tmp"
+    chown postgres: "$work/tmp"
+    : >"$work/prove.out"
+    as_postgres env PATH="$PATH" TMPDIR="$work/tmp" make -C "$build" -s installcheck REGRESS= \
         PG_CONFIG="$PG_CONFIG" PROVE_FLAGS="${PROVE_FLAGS:-}" PROVE_TESTS="$*" \
-        >"$work/prove.out" 2>&1 &
+        >>"$work/prove.out" 2>&1 &
     # prove's output is shown as it comes, and kept to find what failed
     tail -n +1 --pid=$! -f "$work/prove.out"
     wait $! || rc=$?
@@ -216,12 +222,19 @@ CONF
         name=${name%.pl}
         f=$build/tmp_check/log/regress_log_$name
         if [ -f "$f" ]; then
-            # what led to each failed assertion (not the TODO ones), then the end
-            grep -n '^\[[0-9:.]*\]([0-9.]*s) not ok' "$f" | grep -v '# TODO' | cut -d: -f1 |
-                while read -r n; do
-                    echo "---- $f, lines $((n > 40 ? n - 40 : 1))-$((n + 5))"
-                    sed -n "$((n > 40 ? n - 40 : 1)),$((n + 5))p" "$f"
-                done
+            # what led to each failed assertion (not the TODO ones): the 40
+            # lines before it and 5 after, each line once; then the end
+            awk 'BEGIN { last = -1 }
+                 NR == FNR {
+                     if ($0 ~ /^\[[0-9:.]*\]\([0-9.]*s\) not ok/ && $0 !~ /# TODO/)
+                         for (i = (FNR > 40 ? FNR - 40 : 1); i <= FNR + 5; i++) want[i] = 1
+                     next
+                 }
+                 FNR in want {
+                     if (FNR != last + 1) print "---- " FILENAME ", from line " FNR
+                     print
+                     last = FNR
+                 }' "$f" "$f"
             echo "---- $f (tail)"
             tail -n 30 "$f"
         fi

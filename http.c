@@ -45,12 +45,14 @@
 /*
  * libcurl before 8.0.0 (Debian 12 has 7.88.1) cannot reuse a connection
  * opened with HTTP/2 prior knowledge: the second request on it fails with
- * "Error in the HTTP2 framing layer" (curl issue 10634), before anything is
- * sent.  A request to a host that has such a connection asks for HTTP/2
- * without prior knowledge instead, which rides the open connection.  Each
- * guess that turns out wrong is retried once the other way, which is safe:
- * either nothing was sent, or etcd answered a gRPC path over HTTP/1.1 with
- * a 404.  Hosts with an open HTTP/2 connection, per multi handle:
+ * "Error in the HTTP2 framing layer" (curl issue 10634) before the request
+ * is sent, and the connection is spoilt.  So a request to a host that has
+ * had an HTTP/2 connection asks for HTTP/2 without prior knowledge, which
+ * rides the open connection.  If that connection is gone, curl opens a new
+ * one with an HTTP/1.1 upgrade, which etcd ignores: the header callback
+ * aborts that answer, and the request is sent again with prior knowledge on
+ * a fresh connection.  A request with prior knowledge that meets the bug is
+ * sent again the same way.  Both are safe: etcd has not run the call.
  */
 #if LIBCURL_VERSION_NUM < 0x080000
 #define H2C_REUSE_BUG 1
@@ -473,6 +475,7 @@ etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
 #endif
 	}
 	curl_easy_setopt(t->easy, CURLOPT_HTTP_VERSION, version);
+	curl_easy_setopt(t->easy, CURLOPT_FRESH_CONNECT, 0L);
 	curl_easy_setopt(t->easy, CURLOPT_URL, url);
 	curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) len);
 	curl_easy_setopt(t->easy, CURLOPT_COPYPOSTFIELDS, body);
@@ -666,41 +669,25 @@ h2_host_set(EtcdMulti *m, const char *host, bool open)
 }
 
 /*
- * A gRPC transfer to an http:// host ended: learn whether the host has an
- * HTTP/2 connection, and restart the transfer once the other way if the
- * guess was wrong.  Never raises an ERROR.
+ * A gRPC transfer to an http:// host ended: if it met curl's bug or an
+ * HTTP/1.1 answer, learn that, and send it again once, with prior knowledge
+ * on a fresh connection.  Never raises an ERROR.
  */
 static void
 h2c_retry(EtcdMulti *m, EtcdTransfer *t)
 {
-	bool		guess;
-
 	if (t->code == CURLE_OK || t->retried)
-	{
-		if (t->code != CURLE_OK)
-			h2_host_set(m, t->host, false);
 		return;
-	}
 	if (t->h1_answer)
-	{
-		h2_host_set(m, t->host, false);
-		guess = false;
-	}
+		h2_host_set(m, t->host, false); /* no HTTP/2 connection was left */
 	else if (!t->h2_guess && t->code == CURLE_HTTP2)
-	{
-		/* prior knowledge on a reused connection: curl's bug, nothing sent */
-		h2_host_set(m, t->host, true);
-		guess = true;
-	}
+		h2_host_set(m, t->host, true);	/* there was one, now spoilt */
 	else
-	{
-		h2_host_set(m, t->host, false);
 		return;
-	}
 
 	curl_multi_remove_handle(m->multi, t->easy);
 	t->retried = true;
-	t->h2_guess = guess;
+	t->h2_guess = false;
 	t->h1_answer = false;
 	t->done = false;
 	t->code = CURLE_OK;
@@ -709,8 +696,8 @@ h2c_retry(EtcdMulti *m, EtcdTransfer *t)
 	t->errbuf[0] = '\0';
 	t->grpc_status = -1;
 	t->grpc_message[0] = '\0';
-	curl_easy_setopt(t->easy, CURLOPT_HTTP_VERSION,
-					 guess ? CURL_HTTP_VERSION_2_0 : CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
+	curl_easy_setopt(t->easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
+	curl_easy_setopt(t->easy, CURLOPT_FRESH_CONNECT, 1L);
 	if (curl_multi_add_handle(m->multi, t->easy) != CURLM_OK)
 	{
 		t->active = false;
@@ -931,7 +918,8 @@ etcd_http_report(int elevel, int curl_code, const char *error,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
 					 errmsg("connection to etcd at %s failed", endpoint),
 					 errdetail_internal("%s", error),
-					 strncmp(endpoint, "https://", 8) != 0 ? 0 :
+					 strncmp(endpoint, "https://", 8) != 0 ?
+					 errhint("An http:// endpoint that points at a TLS port does this.") :
 					 tls_cert[0] ?
 					 errhint("etcd may have refused the client certificate \"%s\" set in etcd_lock.cert.",
 							 tls_cert) :

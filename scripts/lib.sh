@@ -178,12 +178,20 @@ run_suite() {
     SUITE_FAILED=()
     rm -rf "$build"/{tmp_check,tmp_regress,results,log,regression.diffs,regression.out}
 
+    # ETCD_LOCK_TRANSPORT (json or grpc) goes into every server's settings:
+    # regress.conf, and for TAP, TEMP_CONFIG, which PostgreSQL::Test::Cluster
+    # appends to each node's postgresql.conf
+    local transport=${ETCD_LOCK_TRANSPORT:-json}
+    echo "etcd_lock.transport = '$transport'" > "$work/transport.conf"
+    chmod 644 "$work/transport.conf"
+
     echo "== pg_regress"
     start_etcd "$(mktemp -d "$work/etcd.XXXXXX")"
     cat > "$build/regress.conf" <<CONF
 shared_preload_libraries = 'etcd_lock'
 etcd_lock.endpoints = '$ETCD_URL'
 etcd_lock.request_timeout = '2s'
+etcd_lock.transport = '$transport'
 CONF
     chown postgres: "$build/regress.conf"
     if ! as_postgres env PATH="$PATH" make -C "$build" -s installcheck TAP_TESTS= \
@@ -206,7 +214,8 @@ CONF
     mkdir -p "$work/tmp"
     chown postgres: "$work/tmp"
     : >"$work/prove.out"
-    as_postgres env PATH="$PATH" TMPDIR="$work/tmp" make -C "$build" -s installcheck REGRESS= \
+    as_postgres env PATH="$PATH" TMPDIR="$work/tmp" TEMP_CONFIG="$work/transport.conf" \
+        ETCD_LOCK_TRANSPORT="$transport" make -C "$build" -s installcheck REGRESS= \
         PG_CONFIG="$PG_CONFIG" PROVE_FLAGS="${PROVE_FLAGS:-}" PROVE_TESTS="$*" \
         >>"$work/prove.out" 2>&1 &
     # prove's output is shown as it comes, and kept to find what failed

@@ -45,11 +45,22 @@ while [ $# -gt 0 ]; do
         *) tests+=("$1"); shift ;;
     esac
 done
+# legs: VERSION or VERSION:TRANSPORT (json by default), separated by commas
 case $etcd_arg in
-    3.4|3.5) legs=("$etcd_arg") ;;
     both) legs=(3.5 3.4) ;;
-    *) echo "--etcd takes 3.4, 3.5 or both, not '$etcd_arg'" >&2; exit 2 ;;
+    *) IFS=, read -r -a legs <<<"$etcd_arg" ;;
 esac
+for leg in "${legs[@]}"; do
+    case $leg in
+        3.4|3.5|3.4:json|3.4:grpc|3.5:json|3.5:grpc) ;;
+        *) echo "--etcd takes 3.4, 3.5, both, or legs such as 3.5:grpc,3.4:json, not '$etcd_arg'" >&2
+           exit 2 ;;
+    esac
+done
+need34=0
+for leg in "${legs[@]}"; do
+    [ "${leg%%:*}" = 3.4 ] && need34=1
+done
 
 # The TAP files to run, relative to the source directory.  t/008_jdbc.pl
 # compiles a Java client against the PostgreSQL JDBC driver; this root gets no
@@ -97,7 +108,7 @@ t=$SECONDS
 need=()
 command -v debootstrap >/dev/null || need+=(debootstrap)
 [ -r /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
-if [[ " ${legs[*]} " == *" 3.4 "* ]]; then
+if [ "$need34" = 1 ]; then
     [ -x /usr/bin/etcd ] || need+=(etcd-server)
     [ -x /usr/bin/etcdctl ] || need+=(etcd-client)
 fi
@@ -107,7 +118,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-if [[ " ${legs[*]} " == *" 3.4 "* ]]; then
+if [ "$need34" = 1 ]; then
     v=$(/usr/bin/etcd --version 2>/dev/null | sed -n 's/^etcd Version: //p')
     case $v in
         3.4.*) ;;
@@ -142,7 +153,7 @@ t_install=$((SECONDS - t))
 pg_version=$("${IN_ROOT[@]}" /usr/lib/postgresql/$PG_MAJOR/bin/pg_config --version)
 etcd35_version=$("${IN_ROOT[@]}" etcd --version | sed -n 's/^etcd Version: //p')
 say "in the root: $pg_version, etcd $etcd35_version in /usr/bin"
-if [[ " ${legs[*]} " == *" 3.4 "* ]]; then
+if [ "$need34" = 1 ]; then
     mkdir -p "$ROOT/opt/etcd34/bin"
     cp /usr/bin/etcd /usr/bin/etcdctl "$ROOT/opt/etcd34/bin/"
     say "in the root: etcd $("${IN_ROOT[@]}" /opt/etcd34/bin/etcd --version | sed -n 's/^etcd Version: //p') in /opt/etcd34/bin (the host's)"
@@ -180,12 +191,16 @@ failed=0
 summary=()
 for leg in "${legs[@]}"; do
     t=$SECONDS
-    if [ "$leg" = 3.4 ]; then in_root "/opt/etcd34/bin:$CHROOT_PATH"; else in_root; fi
-    say "PostgreSQL $PG_MAJOR, etcd $leg"
+    ver=${leg%%:*}
+    transport=json
+    [[ $leg == *:* ]] && transport=${leg#*:}
+    if [ "$ver" = 3.4 ]; then in_root "/opt/etcd34/bin:$CHROOT_PATH"; else in_root; fi
+    IN_ROOT+=(ETCD_LOCK_TRANSPORT="$transport")
+    say "PostgreSQL $PG_MAJOR, etcd $ver, transport $transport"
     rc=0
     step "${IN_ROOT[@]}" bash /build/etcd_lock/scripts/pg17-root.sh \
-        "$leg" "${prove_tests[@]}" || rc=$?
-    what=$(cat "$ROOT/build/leg-$leg.failed" 2>/dev/null || true)
+        "$ver" "${prove_tests[@]}" || rc=$?
+    what=$(cat "$ROOT/build/leg-$ver.failed" 2>/dev/null || true)
     if [ "$rc" = 0 ]; then
         line="PostgreSQL $PG_MAJOR, etcd $leg: passed ($((SECONDS - t)) s)"
     else

@@ -307,7 +307,7 @@ PGI=http
 # ----------------------------------------------------------------------
 # measurement helpers
 # ----------------------------------------------------------------------
-declare -A OPS P50 P99 NOTE REQS CALLS CONNS LOCKS NOPS CLIENTCPU ETCDCPU
+declare -A OPS P50 P99 NOTE REQS CALLS CONNS LOCKS NOPS CLIENTCPU ETCDCPU DRV_REQS DRV_CONNS
 FAILED=()
 
 # "p50 p99" of the numbers (ms) in a file, one per line
@@ -337,6 +337,8 @@ run_driver() {
                 p50_ms=*) P50[$key]=${kv#*=} ;;
                 p99_ms=*) P99[$key]=${kv#*=} ;;
                 ops=*) NOPS[$key]=${kv#*=} ;;
+                requests=*) DRV_REQS[$key]=${kv#*=} ;;
+                conns=*) DRV_CONNS[$key]=${kv#*=} ;;
                 cpu_ms_per_op=*) CLIENTCPU[$key]=${kv#*=} ;;
             esac
         done
@@ -378,6 +380,13 @@ sample_conns() {
     done
 }
 
+# per_pair_calls N BEFORE AFTER: the calls etcd started between two
+# etcd_calls snapshots, by method, per pair ("Txn 2.00, Watch 1.00")
+per_pair_calls() {
+    awk -v n="$1" 'NR == FNR {b[$1] = $2; next}
+        { d = ($2 - b[$1]) / n; if (d >= 0.005) { printf "%s%s %.2f", sep, $1, d; sep = ", " } }' "$2" "$3"
+}
+
 stats() { sql "SELECT requests - keepalives, acquired FROM etcd_lock_stats" | tr '|' ' '; }
 
 # run_pgbench KEY CLIENTS SCRIPT [pgbench args]: on instance $PGI
@@ -409,9 +418,7 @@ run_pgbench() {
         if [ $((a1 - a0)) -gt 0 ]; then
             LOCKS[$key]=$((a1 - a0))
             REQS[$key]=$(awk -v r=$((r1 - r0)) -v a=$((a1 - a0)) 'BEGIN {printf "%.2f", r/a}')
-            CALLS[$key]=$(awk -v n=$((a1 - a0)) 'NR == FNR {b[$1] = $2; next}
-                { d = ($2 - b[$1]) / n; if (d >= 0.005) { printf "%s%s %.2f", sep, $1, d; sep = ", " } }' \
-                "$work/calls.before" "$work/calls.after")
+            CALLS[$key]=$(per_pair_calls $((a1 - a0)) "$work/calls.before" "$work/calls.after")
             CONNS[$key]=$(awk '{ s[$2] = 1; p[$1] = 1 } END { printf "%d by %d processes\n", length(s), length(p) }' "$work/conns")
         fi
         echo "   $key: ${OPS[$key]}/s p50 ${P50[$key]} ms p99 ${P99[$key]} ms${REQS[$key]:+; per lock: ${REQS[$key]} requests (etcd: ${CALLS[$key]}); TCP connections: ${CONNS[$key]}}" >&2
@@ -465,13 +472,22 @@ declare -A R_OPS R_P50 R_P99 R_ECPU R_CCPU
 # used during the run, per pair done: the driver's ops, or the locks that
 # etcd_lock_stats counted.  Workloads that take no etcd lock get none.
 measure() {
-    local epid=$1 runner=$2 key=$3 t0 t1 n
+    local epid=$1 runner=$2 key=$3 t0 t1 n PGI=$PGI
     shift 2
+    # etcd_calls asks the etcd of instance $PGI
+    [ "$epid" = "$ETCD_TLS_PID" ] && PGI=tls
     unset "OPS[$key]" "P50[$key]" "P99[$key]" "NOPS[$key]" "LOCKS[$key]" "CLIENTCPU[$key]"
+    etcd_calls >"$work/calls.m0"
     t0=$(etcd_ticks "$epid")
     "$runner" "$@"
     t1=$(etcd_ticks "$epid")
     [ -n "${OPS[$key]:-}" ] || return 0
+    # a driver's calls by method, per pair, as etcd counts them (run_pgbench
+    # does this itself, per lock that etcd_lock counted)
+    if [ -n "${NOPS[$key]:-}" ] && [ "${NOPS[$key]}" -gt 0 ]; then
+        etcd_calls >"$work/calls.m1"
+        CALLS[$key]=$(per_pair_calls "${NOPS[$key]}" "$work/calls.m0" "$work/calls.m1")
+    fi
     R_OPS[$key]+="${OPS[$key]} "
     R_P50[$key]+="${P50[$key]} "
     R_P99[$key]+="${P99[$key]} "
@@ -873,6 +889,21 @@ report="$bench/results/latest.md"
                for k in $SCALE_LOCKS; do echo "scale@$k"; done); do
         [ -n "${REQS[$k]:-}" ] || continue
         echo "| $k | ${REQS[$k]} | ${CALLS[$k]:-} | ${CONNS[$k]} | ${LOCKS[$k]} |"
+    done
+    echo
+    echo "The floors and peers, per lock+unlock pair: requests as the driver counts them (unary calls for"
+    echo "the Go peers; the blog pattern's keepalive stream is not one), calls as etcd counts them, and"
+    echo "the connections the driver opened (floor: curl's count, with the one its set-up opened; Go: gRPC's,"
+    echo "while the clock ran). Last round."
+    echo
+    echo "| run | requests per pair | etcd calls per pair | connections opened | pairs |"
+    echo "|---|---|---|---|---|"
+    for w in floor gofloor gosvc goshared goblog npm etcdctl floortls goblogtls; do
+        for c in $LEVELS; do
+            k=$w@$c
+            [ -n "${NOPS[$k]:-}" ] || continue
+            echo "| $k | $(ratio "${DRV_REQS[$k]:-}" "${NOPS[$k]}" | tr -d x) | ${CALLS[$k]:--} | ${DRV_CONNS[$k]:--} | ${NOPS[$k]} |"
+        done
     done
     echo
     echo "## Contended: N clients on one name"

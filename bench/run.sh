@@ -4,9 +4,10 @@
 #   bash bench/run.sh [--duration SECONDS] [--smoke] [--clients "1 8 32"]
 #                     [--rounds N] [--cycles N] [--skip-install] [--keep]
 #
-# Installs what it needs, builds and installs etcd_lock, starts a local etcd
-# (fsync on), a second etcd that requires TLS client certificates, and
-# throwaway PostgreSQL servers, then runs every workload of bench/README.md
+# Installs what it needs, builds and installs etcd_lock, builds the C floor
+# and the Go peers, starts a local etcd (fsync on), a second etcd that
+# requires TLS client certificates, and throwaway PostgreSQL servers, then
+# runs every workload of bench/README.md
 # at the same concurrencies in one run.  Prints the results as markdown and
 # writes them to bench/results/latest.md.  Cleans up everything on exit.
 #
@@ -254,8 +255,6 @@ ETCD_TLS_PID=$ETCD_PID
 CLK_TCK=$(getconf CLK_TCK)
 # CPU time (clock ticks, user + system) an etcd has used so far
 etcd_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-# CPU time (ms, user + system) the HTTP etcd has used so far
-etcd_cpu_ms() { awk -v hz="$CLK_TCK" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$ETCD_HTTP_PID/stat"; }
 
 # start_pg NAME "extra postgresql.conf lines": a throwaway PostgreSQL that
 # listens on a Unix socket in a temp dir only, on a free port number
@@ -719,9 +718,9 @@ snapshot="SELECT 'MEM', @N@, (SELECT sum(total_bytes) FROM pg_backend_memory_con
 chown postgres: "$work/sql/mem.sql"
 MEM_ROWS=()
 MEM_TICKS=()
-mem_e0=$(etcd_cpu_ms)
+mem_e0=$(etcd_ticks "$ETCD_HTTP_PID")
 if psqlb -At -F ' ' -f "$work/sql/mem.sql" >"$work/logs/mem.log" 2>&1; then
-    mem_e1=$(etcd_cpu_ms)
+    mem_e1=$(etcd_ticks "$ETCD_HTTP_PID")
     while read -r tag cycles ctx rssanon vmrss secs ticks; do
         if [ "$tag" = MEM ]; then
             MEM_ROWS+=("$cycles $ctx $rssanon $vmrss $secs")
@@ -962,7 +961,7 @@ report="$bench/results/latest.md"
     if [ "${#MEM_TICKS[@]}" -ge 2 ]; then
         read -r mc0 mt0 <<<"${MEM_TICKS[0]}"
         read -r mc1 mt1 <<<"${MEM_TICKS[-1]}"
-        echo "| memory loop: 1 statement per cycle, psql \\gexec (client process = the backend) | $(awk -v t=$((mt1 - mt0)) -v n=$((mc1 - mc0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t * 1000 / hz / n }') | $(awk -v d=$((mem_e1 - mem_e0)) -v n="$mc1" 'BEGIN { printf "%.3f", d / n }') |"
+        echo "| memory loop: 1 statement per cycle, psql \\gexec (client process = the backend) | $(awk -v t=$((mt1 - mt0)) -v n=$((mc1 - mc0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t * 1000 / hz / n }') | $(awk -v d=$((mem_e1 - mem_e0)) -v n="$mc1" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", d * 1000 / hz / n }') |"
     fi
     echo
     echo "## Goals"

@@ -1,8 +1,9 @@
 /*
- * bench_common.h: shared helpers of bench/floor.c and bench/gostyle.c.
+ * bench_common.h: the helpers of bench/floor.c.
  *
- * Both drivers run one thread per client for a fixed time, time every
- * lock+unlock pair, and print one machine-readable line:
+ * The driver runs one thread per client for a fixed time, times every
+ * lock+unlock pair, and prints one machine-readable line (bench/gopeer.go
+ * prints the same):
  *
  *   RESULT ops=N secs=S ops_s=X p50_ms=Y p99_ms=Z errors=E conns=C requests=R cpu_ms_per_op=U
  *
@@ -33,10 +34,9 @@ typedef struct Opts
 	const char *cert;
 	const char *key;
 	int			ttl;
-	int			keepalive;		/* gostyle: also send the session's first keepalive */
 } Opts;
 
-static Opts opts = {NULL, 1, 5.0, "bench/", NULL, NULL, NULL, 0, 0};
+static Opts opts = {NULL, 1, 5.0, "bench/", NULL, NULL, NULL, 0};
 
 static double
 now_s(void)
@@ -264,7 +264,7 @@ usage(const char *prog)
 {
 	fprintf(stderr,
 			"usage: %s --url URL [--clients N] [--secs S] [--prefix P] [--ttl T]\n"
-			"          [--cacert F --cert F --key F] [--keepalive]\n", prog);
+			"          [--cacert F --cert F --key F]\n", prog);
 	exit(2);
 }
 
@@ -278,11 +278,6 @@ parse_args(int argc, char **argv)
 		const char *a = argv[i];
 		const char *v = (i + 1 < argc) ? argv[i + 1] : NULL;
 
-		if (strcmp(a, "--keepalive") == 0)
-		{
-			opts.keepalive = 1;
-			continue;
-		}
 		if (!v)
 			usage(argv[0]);
 		if (strcmp(a, "--url") == 0)

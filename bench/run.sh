@@ -2,11 +2,12 @@
 # The etcd_lock benchmark, from a fresh Debian 12 machine, as root:
 #
 #   bash bench/run.sh [--duration SECONDS] [--smoke] [--clients "1 8 32"]
-#                     [--cycles N] [--skip-install] [--keep]
+#                     [--rounds N] [--cycles N] [--skip-install] [--keep]
 #
-# Installs what it needs, builds and installs etcd_lock, starts a local etcd
-# (fsync on), a second etcd that requires TLS client certificates, and
-# throwaway PostgreSQL servers, then runs every workload of bench/README.md
+# Installs what it needs, builds and installs etcd_lock, builds the C floor
+# and the Go peers, starts a local etcd (fsync on), a second etcd that
+# requires TLS client certificates, and throwaway PostgreSQL servers, then
+# runs every workload of bench/README.md
 # at the same concurrencies in one run.  Prints the results as markdown and
 # writes them to bench/results/latest.md.  Cleans up everything on exit.
 #
@@ -14,6 +15,8 @@
 #   --smoke         every workload once, ~1 s each, at small concurrency;
 #                   exits 0 if every workload ran (no speed is asserted)
 #   --clients LIST  concurrency levels (default "1 8 32"; --smoke: "1 2")
+#   --rounds N      rounds of the uncontended workloads; the tables show the
+#                   median of the rounds (default 3; --smoke: 1)
 #   --cycles N      lock/unlock cycles of the per-backend memory test
 #                   (default 100000; --smoke: 2000)
 #   --skip-install  do not run apt-get (the packages are already there)
@@ -29,6 +32,7 @@ DURATION=
 SMOKE=0
 LEVELS=
 CYCLES=
+ROUNDS=
 SKIP_INSTALL=0
 KEEP=0
 cmdline="bash bench/run.sh${*:+ $*}"
@@ -40,7 +44,8 @@ while [ $# -gt 0 ]; do
         --cycles) CYCLES=$2; shift 2 ;;
         --skip-install) SKIP_INSTALL=1; shift ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -48,6 +53,7 @@ if [ "$SMOKE" = 1 ]; then
     DURATION=${DURATION:-1}
     LEVELS=${LEVELS:-"1 2"}
     CYCLES=${CYCLES:-2000}
+    ROUNDS=${ROUNDS:-1}
     CONTENDED_LEVELS=2
     SCALE_SESSIONS=10
     SCALE_LOCKS="1 10 100"
@@ -58,6 +64,7 @@ else
     DURATION=${DURATION:-5}
     LEVELS=${LEVELS:-"1 8 32"}
     CYCLES=${CYCLES:-100000}
+    ROUNDS=${ROUNDS:-3}
     CONTENDED_LEVELS=$(for c in $LEVELS; do [ "$c" -ge 2 ] && echo "$c"; done | xargs)
     CONTENDED_LEVELS=${CONTENDED_LEVELS:-2}
     SCALE_SESSIONS=50
@@ -82,7 +89,8 @@ say() { echo "== $*" >&2; }
 # ----------------------------------------------------------------------
 if [ "$SKIP_INSTALL" = 0 ]; then
     say "installing packages"
-    extra=()
+    # the Go peers: Debian's Go and etcd 3.4's Go sources (clientv3)
+    extra=(golang-go golang-etcd-server-dev)
     # nodesource's nodejs ships npm itself and conflicts with Debian's npm
     command -v node >/dev/null || extra+=(nodejs)
     command -v npm >/dev/null || extra+=(npm)
@@ -105,6 +113,10 @@ cleanup() {
     done
     for p in "${ETCD_PIDS[@]}"; do kill "$p" 2>/dev/null; done
     for p in "${BG_PIDS[@]}" "${ETCD_PIDS[@]}"; do wait "$p" 2>/dev/null; done
+    # etcd itself is not our child: give it 5 s to go
+    for p in "${ETCD_PIDS[@]}"; do
+        for i in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    done
     if [ "$KEEP" = 1 ]; then
         echo "kept the work directory $work" >&2
     else
@@ -122,11 +134,22 @@ commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
 dirty=$(git -C "$src" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo " + uncommitted changes" || true)
 build=$(build_and_install "$src")
 
-say "building the C drivers"
+say "building the C driver"
 mkdir -p "$work/bin" "$work/logs" "$work/pglog" "$work/sql"
-for d in floor gostyle; do
-    gcc -O2 -o "$work/bin/$d" "$bench/$d.c" -lcurl -lcjson -lpthread
-done
+gcc -O2 -o "$work/bin/floor" "$bench/floor.c" -lcurl -lcjson -lpthread
+
+# The Go peers, against the etcd 3.4 sources that golang-etcd-server-dev
+# puts in /usr/share/gocode: GOPATH mode, no module proxy, no network, and
+# a build cache and go env of their own in the work directory.
+say "building the Go peers (clientv3 of etcd 3.4, GOPATH mode, offline)"
+GO_OK=1
+if ! (cd "$bench" && env GO111MODULE=off GOFLAGS= GOPROXY=off GOENV=off \
+        GOPATH="/usr/share/gocode:$work/go/path" GOCACHE="$work/go/cache" \
+        go build -o "$work/bin/gopeer" gopeer.go) >"$work/logs/go-build.log" 2>&1; then
+    GO_OK=0
+    echo "building the Go peers failed:" >&2
+    tail -n 20 "$work/logs/go-build.log" >&2
+fi
 # the postgres user runs pgbench and psql: give it copies it can read (a
 # checkout under /root is not readable by it)
 cp "$bench"/pgbench/*.sql "$work/sql/"
@@ -178,8 +201,12 @@ TLS_ARGS=(--cacert "$CERTS/ca.pem" --cert "$CERTS/client.pem" --key "$CERTS/clie
 
 # start_etcd_bench NAME DIR [tls]: a one-member etcd on free loopback ports,
 # as the postgres user, with fsync ON (lib.sh's start_etcd passes
-# --unsafe-no-fsync, which suits tests but not benchmarks).
-# Sets ETCD_URL and appends the pid to ETCD_PIDS.
+# --unsafe-no-fsync, which suits tests but not benchmarks).  It runs in a
+# session of its own (setsid), hence in its own scheduler autogroup: in
+# ours, the kernel would split one group's CPU share between etcd and the
+# clients measured against it.
+# Sets ETCD_URL and ETCD_PID (etcd's own pid, whose CPU time we read), and
+# appends the pids to ETCD_PIDS.
 start_etcd_bench() {
     local name=$1 dir=$2 tls=${3:-} cport pport scheme=http tlsargs=() curlargs=() i
     cport=$(free_port)
@@ -192,7 +219,7 @@ start_etcd_bench() {
                  --trusted-ca-file "$CERTS/ca.pem" --client-cert-auth)
         curlargs=("${TLS_ARGS[@]}")
     fi
-    runuser -u postgres -- etcd --name "$name" --data-dir "$dir/data" \
+    setsid runuser -u postgres -- etcd --name "$name" --data-dir "$dir/data" \
         --listen-client-urls "$scheme://127.0.0.1:$cport" \
         --advertise-client-urls "$scheme://127.0.0.1:$cport" \
         --listen-peer-urls "http://127.0.0.1:$pport" \
@@ -204,6 +231,10 @@ start_etcd_bench() {
     ETCD_URL="$scheme://127.0.0.1:$cport"
     for i in $(seq 1 100); do
         if curl -sf "${curlargs[@]}" "$ETCD_URL/health" >/dev/null 2>&1; then
+            # etcd itself, under runuser (setsid may have forked too)
+            ETCD_PID=$(pgrep -u postgres -f -- "^etcd --name $name --data-dir $dir/data " | head -n 1)
+            [ -n "$ETCD_PID" ] || { echo "cannot find the pid of etcd $name" >&2; return 1; }
+            ETCD_PIDS+=("$ETCD_PID")
             return 0
         fi
         sleep 0.1
@@ -217,12 +248,13 @@ say "starting etcd (fsync on) and an etcd that requires TLS client certificates"
 make_certs
 start_etcd_bench bench "$work/etcd"
 ETCD_HTTP=$ETCD_URL
+ETCD_HTTP_PID=$ETCD_PID
 start_etcd_bench benchtls "$work/etcd-tls" tls
 ETCD_TLS=$ETCD_URL
-ETCD_HTTP_PID=$(pgrep -P "${ETCD_PIDS[0]}" etcd || echo "${ETCD_PIDS[0]}")
+ETCD_TLS_PID=$ETCD_PID
 CLK_TCK=$(getconf CLK_TCK)
-# CPU time (ms, user + system) the HTTP etcd has used so far
-etcd_cpu_ms() { awk -v hz="$CLK_TCK" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$ETCD_HTTP_PID/stat"; }
+# CPU time (clock ticks, user + system) an etcd has used so far
+etcd_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
 # start_pg NAME "extra postgresql.conf lines": a throwaway PostgreSQL that
 # listens on a Unix socket in a temp dir only, on a free port number
@@ -274,7 +306,7 @@ PGI=http
 # ----------------------------------------------------------------------
 # measurement helpers
 # ----------------------------------------------------------------------
-declare -A OPS P50 P99 NOTE REQS CALLS CONNS LOCKS NOPS CLIENTCPU ETCDCPU
+declare -A OPS P50 P99 NOTE REQS CALLS CONNS LOCKS NOPS CLIENTCPU ETCDCPU DRV_REQS DRV_CONNS
 FAILED=()
 
 # "p50 p99" of the numbers (ms) in a file, one per line
@@ -304,6 +336,8 @@ run_driver() {
                 p50_ms=*) P50[$key]=${kv#*=} ;;
                 p99_ms=*) P99[$key]=${kv#*=} ;;
                 ops=*) NOPS[$key]=${kv#*=} ;;
+                requests=*) DRV_REQS[$key]=${kv#*=} ;;
+                conns=*) DRV_CONNS[$key]=${kv#*=} ;;
                 cpu_ms_per_op=*) CLIENTCPU[$key]=${kv#*=} ;;
             esac
         done
@@ -345,6 +379,13 @@ sample_conns() {
     done
 }
 
+# per_pair_calls N BEFORE AFTER: the calls etcd started between two
+# etcd_calls snapshots, by method, per pair ("Txn 2.00, Watch 1.00")
+per_pair_calls() {
+    awk -v n="$1" 'NR == FNR {b[$1] = $2; next}
+        { d = ($2 - b[$1]) / n; if (d >= 0.005) { printf "%s%s %.2f", sep, $1, d; sep = ", " } }' "$2" "$3"
+}
+
 stats() { sql "SELECT requests - keepalives, acquired FROM etcd_lock_stats" | tr '|' ' '; }
 
 # run_pgbench KEY CLIENTS SCRIPT [pgbench args]: on instance $PGI
@@ -376,9 +417,7 @@ run_pgbench() {
         if [ $((a1 - a0)) -gt 0 ]; then
             LOCKS[$key]=$((a1 - a0))
             REQS[$key]=$(awk -v r=$((r1 - r0)) -v a=$((a1 - a0)) 'BEGIN {printf "%.2f", r/a}')
-            CALLS[$key]=$(awk -v n=$((a1 - a0)) 'NR == FNR {b[$1] = $2; next}
-                { d = ($2 - b[$1]) / n; if (d >= 0.005) { printf "%s%s %.2f", sep, $1, d; sep = ", " } }' \
-                "$work/calls.before" "$work/calls.after")
+            CALLS[$key]=$(per_pair_calls $((a1 - a0)) "$work/calls.before" "$work/calls.after")
             CONNS[$key]=$(awk '{ s[$2] = 1; p[$1] = 1 } END { printf "%d by %d processes\n", length(s), length(p) }' "$work/conns")
         fi
         echo "   $key: ${OPS[$key]}/s p50 ${P50[$key]} ms p99 ${P99[$key]} ms${REQS[$key]:+; per lock: ${REQS[$key]} requests (etcd: ${CALLS[$key]}); TCP connections: ${CONNS[$key]}}" >&2
@@ -422,31 +461,92 @@ etcdctl_driver() {
 
 # ----------------------------------------------------------------------
 # 1-3: uncontended lock+unlock.  Every workload at one concurrency level,
-# then the next level, so that each ratio compares runs taken side by side.
+# then the next level, then the next round, so that each ratio compares runs
+# taken side by side.  The tables show each figure's median over the rounds.
 # ----------------------------------------------------------------------
+declare -A R_OPS R_P50 R_P99 R_ECPU R_CCPU
+
+# measure ETCD_PID RUNNER KEY ARGS...: one round of one workload, by
+# run_driver or run_pgbench.  Also takes the CPU time that etcd (ETCD_PID)
+# used during the run, per pair done: the driver's ops, or the locks that
+# etcd_lock_stats counted.  Workloads that take no etcd lock get none.
+measure() {
+    local epid=$1 runner=$2 key=$3 t0 t1 n PGI=$PGI
+    shift 2
+    # etcd_calls asks the etcd of instance $PGI
+    [ "$epid" = "$ETCD_TLS_PID" ] && PGI=tls
+    unset "OPS[$key]" "P50[$key]" "P99[$key]" "NOPS[$key]" "LOCKS[$key]" "CLIENTCPU[$key]"
+    etcd_calls >"$work/calls.m0"
+    t0=$(etcd_ticks "$epid")
+    "$runner" "$@"
+    t1=$(etcd_ticks "$epid")
+    [ -n "${OPS[$key]:-}" ] || return 0
+    # a driver's calls by method, per pair, as etcd counts them (run_pgbench
+    # does this itself, per lock that etcd_lock counted)
+    if [ -n "${NOPS[$key]:-}" ] && [ "${NOPS[$key]}" -gt 0 ]; then
+        etcd_calls >"$work/calls.m1"
+        CALLS[$key]=$(per_pair_calls "${NOPS[$key]}" "$work/calls.m0" "$work/calls.m1")
+    fi
+    R_OPS[$key]+="${OPS[$key]} "
+    R_P50[$key]+="${P50[$key]} "
+    R_P99[$key]+="${P99[$key]} "
+    [ -z "${CLIENTCPU[$key]:-}" ] || R_CCPU[$key]+="${CLIENTCPU[$key]} "
+    n=${NOPS[$key]:-${LOCKS[$key]:-0}}
+    if [ "$n" -gt 0 ]; then
+        R_ECPU[$key]+="$(awk -v d=$((t1 - t0)) -v n="$n" -v hz="$CLK_TCK" \
+            'BEGIN { printf "%.3f", d * 1000 / hz / n }') "
+        echo "   $key: etcd CPU $(echo "${R_ECPU[$key]}" | awk '{print $NF}') ms per pair" >&2
+    fi
+}
+
+# median of the numbers in a string
+median() {
+    tr ' ' '\n' <<<"$1" | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) exit
+        if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# go_peer KEY MODE CLIENTS [tls]: one round of the Go peer in MODE
+go_peer() {
+    local key=$1 mode=$2 c=$3 url=$ETCD_HTTP pid=$ETCD_HTTP_PID tlsargs=()
+    if [ "$GO_OK" != 1 ]; then
+        fail "$key" "$work/logs/go-build.log"
+        return 0
+    fi
+    if [ -n "${4:-}" ]; then
+        url=$ETCD_TLS
+        pid=$ETCD_TLS_PID
+        tlsargs=("${TLS_ARGS[@]}")
+    fi
+    measure "$pid" run_driver "$key" "$work/bin/gopeer" --mode "$mode" --endpoints "$url" \
+        --clients "$c" --secs "$DURATION" --prefix "bench/go$mode${4:-}/$c/" "${tlsargs[@]}"
+}
+
+H=$ETCD_HTTP_PID
+for round in $(seq 1 "$ROUNDS"); do
 for c in $LEVELS; do
-    say "uncontended lock+unlock at $c client(s), ${DURATION}s each"
-    e0=$(etcd_cpu_ms)
-    run_driver "floor@$c" "$work/bin/floor" --url "$ETCD_HTTP" --clients "$c" --secs "$DURATION" \
-        --prefix "etcd_lock/bench/floor/$c/"
-    ETCDCPU[floor@$c]=$(awk -v d=$(( $(etcd_cpu_ms) - e0 )) -v n="${NOPS[floor@$c]:-0}" 'BEGIN { if (n > 0) printf "%.3f", d / n }')
+    say "round $round of $ROUNDS: uncontended lock+unlock at $c client(s), ${DURATION}s each"
+    measure "$H" run_driver "floor@$c" "$work/bin/floor" --url "$ETCD_HTTP" --clients "$c" \
+        --secs "$DURATION" --prefix "etcd_lock/bench/floor/$c/"
+    go_peer "gofloor@$c" floor "$c"
     PGI=http
     for w in session session1; do
-        e0=$(etcd_cpu_ms)
-        run_pgbench "$w@$c" "$c" "$w.sql"
-        ETCDCPU[$w@$c]=$(awk -v d=$(( $(etcd_cpu_ms) - e0 )) -v n="${LOCKS[$w@$c]:-0}" 'BEGIN { if (n > 0) printf "%.3f", d / n }')
+        measure "$H" run_pgbench "$w@$c" "$c" "$w.sql"
     done
     if [ "$HAVE_XACT" -gt 0 ]; then
-        run_pgbench "xact@$c" "$c" xact.sql
+        measure "$H" run_pgbench "xact@$c" "$c" xact.sql
     else
         NOTE[xact@$c]="skipped (etcd_xact_lock not available)"
         echo "   xact@$c: ${NOTE[xact@$c]}" >&2
     fi
-    run_pgbench "insert@$c" "$c" insert.sql
-    run_pgbench "advisory@$c" "$c" advisory.sql
+    measure "$H" run_pgbench "insert@$c" "$c" insert.sql
+    measure "$H" run_pgbench "advisory@$c" "$c" advisory.sql
+    go_peer "gosvc@$c" service "$c"
+    go_peer "goshared@$c" shared "$c"
+    go_peer "goblog@$c" blog "$c"
     if [ "$NPM_OK" = 1 ]; then
-        run_driver "npm@$c" node "$bench/etcd3_peer.js" --url "$ETCD_HTTP" --clients "$c" \
-            --secs "$DURATION" --prefix "bench/npm/$c/"
+        measure "$H" run_driver "npm@$c" node "$bench/etcd3_peer.js" --url "$ETCD_HTTP" \
+            --clients "$c" --secs "$DURATION" --prefix "bench/npm/$c/"
     elif [ "$SMOKE" = 1 ]; then
         # the smoke run checks our own workloads; a registry hiccup is not ours
         NOTE[npm@$c]="skipped (npm install failed)"
@@ -454,23 +554,28 @@ for c in $LEVELS; do
     else
         fail "npm@$c" "$work/logs/npm.log"
     fi
-    run_driver "etcdctl@$c" etcdctl_driver "$c" "$DURATION"
-    run_driver "gohttp@$c" "$work/bin/gostyle" --url "$ETCD_HTTP" --clients "$c" --secs "$DURATION" \
-        --prefix "bench/gostyle/$c/"
+    measure "$H" run_driver "etcdctl@$c" etcdctl_driver "$c" "$DURATION"
     # over TLS with client certificates
-    run_driver "floortls@$c" "$work/bin/floor" --url "$ETCD_TLS" --clients "$c" --secs "$DURATION" \
-        --prefix "etcd_lock/bench/floortls/$c/" "${TLS_ARGS[@]}"
+    measure "$ETCD_TLS_PID" run_driver "floortls@$c" "$work/bin/floor" --url "$ETCD_TLS" \
+        --clients "$c" --secs "$DURATION" --prefix "etcd_lock/bench/floortls/$c/" "${TLS_ARGS[@]}"
     if [ "$HAVE_TLS" -gt 0 ]; then
         PGI=tls
-        run_pgbench "sessiontls@$c" "$c" session.sql
+        measure "$ETCD_TLS_PID" run_pgbench "sessiontls@$c" "$c" session.sql
         PGI=http
     else
         NOTE[sessiontls@$c]="skipped (no etcd_lock.cert setting)"
     fi
-    run_driver "gotls@$c" "$work/bin/gostyle" --url "$ETCD_TLS" --clients "$c" --secs "$DURATION" \
-        --prefix "bench/gostyletls/$c/" "${TLS_ARGS[@]}"
+    go_peer "goblogtls@$c" blog "$c" tls
+done
 done
 PGI=http
+for key in "${!R_OPS[@]}"; do
+    OPS[$key]=$(median "${R_OPS[$key]}")
+    P50[$key]=$(median "${R_P50[$key]}")
+    P99[$key]=$(median "${R_P99[$key]}")
+    ETCDCPU[$key]=$(median "${R_ECPU[$key]:-}")
+    CLIENTCPU[$key]=$(median "${R_CCPU[$key]:-}")
+done
 
 # ----------------------------------------------------------------------
 # 2c: contended, N clients on one name
@@ -613,9 +718,9 @@ snapshot="SELECT 'MEM', @N@, (SELECT sum(total_bytes) FROM pg_backend_memory_con
 chown postgres: "$work/sql/mem.sql"
 MEM_ROWS=()
 MEM_TICKS=()
-mem_e0=$(etcd_cpu_ms)
+mem_e0=$(etcd_ticks "$ETCD_HTTP_PID")
 if psqlb -At -F ' ' -f "$work/sql/mem.sql" >"$work/logs/mem.log" 2>&1; then
-    mem_e1=$(etcd_cpu_ms)
+    mem_e1=$(etcd_ticks "$ETCD_HTTP_PID")
     while read -r tag cycles ctx rssanon vmrss secs ticks; do
         if [ "$tag" = MEM ]; then
             MEM_ROWS+=("$cycles $ctx $rssanon $vmrss $secs")
@@ -666,6 +771,20 @@ goal() {
 }
 levels_of() { local w=$1 f=$2 b=${3:-} c; for c in $LEVELS; do "$f" "$w" "$b" "$c"; done | xargs; }
 ratio_at() { ratio "${OPS[$1@$3]:-}" "${OPS[$2@$3]:-}"; }
+short_name() {
+    case $1 in
+        floor) echo "JSON floor" ;;
+        gofloor) echo "gRPC floor" ;;
+        floortls) echo "JSON floor over TLS" ;;
+        gosvc) echo "Go service" ;;
+        goshared) echo "Go shared session" ;;
+        goblog) echo "Go blog pattern" ;;
+        goblogtls) echo "Go blog pattern over TLS" ;;
+        npm) echo "npm etcd3" ;;
+        etcdctl) echo "etcdctl lock" ;;
+        *) echo "$1" ;;
+    esac
+}
 
 machine_cpu=$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')
 machine_mem=$(free -h | awk '/^Mem:/ {print $2}')
@@ -674,8 +793,9 @@ pg_version=$("$PG_BIN/postgres" --version | awk '{print $3}')
 hdr_levels=""
 sep_levels=""
 for c in $LEVELS; do hdr_levels+=" $c client$([ "$c" = 1 ] || echo s) |"; sep_levels+="---|"; done
-session_tls_key=session
-[ "$HAVE_TLS" -gt 0 ] && session_tls_key=sessiontls
+hdr_cpu=""
+sep_cpu=""
+for c in $LEVELS; do hdr_cpu+=" $c client$([ "$c" = 1 ] || echo s) | etcd CPU |"; sep_cpu+="---|---|"; done
 
 mkdir -p "$bench/results"
 report="$bench/results/latest.md"
@@ -689,55 +809,68 @@ report="$bench/results/latest.md"
     echo
     echo "## Uncontended lock + unlock"
     echo
-    echo "Lock+unlock pairs per second (p50 / p99 latency of one pair, ms), each client on its own name."
+    echo "Lock+unlock pairs per second (p50 / p99 latency of one pair, ms), each client on its own name,"
+    echo "and etcd's CPU time (user + system, from /proc) per pair, in ms. Each figure is the median of"
+    echo "$ROUNDS round(s)."
     echo
-    echo "| workload |$hdr_levels"
-    echo "|---|$sep_levels"
-    for w in floor session session1 xact sessiontls insert advisory npm etcdctl gohttp floortls gotls; do
+    echo "| workload |$hdr_cpu"
+    echo "|---|$sep_cpu"
+    for w in floor gofloor session session1 xact sessiontls gosvc goshared goblog npm etcdctl \
+             floortls goblogtls insert advisory; do
         case $w in
-            floor) label="floor: the 2 requests on a kept-alive HTTP connection (C, no PostgreSQL)" ;;
+            floor) label="JSON floor: etcd_lock's 2 requests over the gateway, kept-alive HTTP (C, no PostgreSQL)" ;;
+            gofloor) label="gRPC floor: the same 2 requests from Go over gRPC (clientv3 KV.Txn)" ;;
             session) label="**etcd_lock** session lock; unlock (2 statements)" ;;
             session1) label="**etcd_lock** session lock and unlock in 1 statement" ;;
             xact) label="**etcd_lock** xact lock around an INSERT (BEGIN; lock; INSERT; COMMIT)" ;;
             sessiontls) label="**etcd_lock** session lock; unlock, over TLS with client certs" ;;
-            insert) label="reference: that INSERT transaction without the lock" ;;
-            advisory) label="reference: pg_advisory_lock; pg_advisory_unlock" ;;
+            gosvc) label="peer: Go service, one client and session reused per worker (best practice)" ;;
+            goshared) label="peer: Go service, one client and session shared by all workers" ;;
+            goblog) label="peer: Go, the blog's pattern: new client and session per lock" ;;
             npm) label="peer: npm etcd3 lock acquire + release" ;;
             etcdctl) label="peer: etcdctl lock NAME -- true (a process per lock)" ;;
-            gohttp) label="peer: Go-style, new connection per lock, HTTP" ;;
-            floortls) label="floor over TLS with client certs (kept-alive)" ;;
-            gotls) label="peer: Go-style, new connection per lock, TLS with client certs" ;;
+            floortls) label="JSON floor over TLS with client certs (kept-alive)" ;;
+            goblogtls) label="peer: Go, the blog's pattern, TLS with client certs" ;;
+            insert) label="reference: that INSERT transaction without the lock" ;;
+            advisory) label="reference: pg_advisory_lock; pg_advisory_unlock" ;;
         esac
         row="| $label |"
-        for c in $LEVELS; do row+=" $(cell "$w@$c") |"; done
+        for c in $LEVELS; do row+=" $(cell "$w@$c") | ${ETCDCPU[$w@$c]:--} |"; done
         echo "$row"
     done
     echo
-    echo "## Ratios: etcd_lock pairs/s ÷ the others' pairs/s, same concurrency, same run"
+    echo "## Ratios: pairs/s ÷ pairs/s, same concurrency, same run"
     echo
     echo "| ratio |$hdr_levels"
     echo "|---|$sep_levels"
-    for pair in session:floor session:npm session:etcdctl session:gohttp session:gotls \
-                session1:floor sessiontls:floortls sessiontls:gotls \
-                xact:floor xact:npm xact:etcdctl xact:gohttp xact:gotls \
-                floor:npm floor:gohttp floortls:gotls; do
+    for pair in session:floor session:gofloor session:gosvc session:goshared session:goblog \
+                session:npm session:etcdctl session:goblogtls \
+                session1:floor sessiontls:floortls sessiontls:goblogtls \
+                xact:floor xact:gosvc xact:goblog xact:npm xact:etcdctl xact:goblogtls \
+                floor:gofloor floor:gosvc floor:goblog floor:npm floortls:goblogtls; do
         e=${pair%%:*}
         b=${pair#*:}
         [ "$e" = xact ] && [ "$HAVE_XACT" = 0 ] && continue
         [ "$e" = sessiontls ] && [ "$HAVE_TLS" = 0 ] && continue
-        case $b in
-            floor) bl="floor" ;;
-            npm) bl="npm etcd3" ;;
-            etcdctl) bl="etcdctl lock" ;;
-            gohttp) bl="Go-style HTTP" ;;
-            gotls) bl="Go-style TLS" ;;
-            floortls) bl="floor over TLS" ;;
-        esac
         el=$e
-        [ "$e" = session ] && [ "$b" = gotls ] && el="session (over HTTP)"
+        [ "$e" = session ] && [ "$b" = goblogtls ] && el="session (over HTTP)"
         case $e in floor|floortls) el="ceiling: $e" ;; esac
-        row="| $el ÷ $bl |"
+        row="| $el ÷ $(short_name "$b") |"
         for c in $LEVELS; do row+=" $(ratio_at "$e" "$b" "$c") |"; done
+        echo "$row"
+    done
+    echo
+    echo "## etcd CPU per pair ÷ etcd CPU per pair, same concurrency, same run"
+    echo
+    echo "What the same work costs etcd on each path; above 1 means the first costs etcd more."
+    echo
+    echo "| ratio |$hdr_levels"
+    echo "|---|$sep_levels"
+    for pair in floor:gofloor session:gofloor session:gosvc gosvc:gofloor; do
+        e=${pair%%:*}
+        b=${pair#*:}
+        row="| $(short_name "$e") ÷ $(short_name "$b") |"
+        for c in $LEVELS; do row+=" $(ratio "${ETCDCPU[$e@$c]:-}" "${ETCDCPU[$b@$c]:-}") |"; done
         echo "$row"
     done
     echo
@@ -755,6 +888,21 @@ report="$bench/results/latest.md"
                for k in $SCALE_LOCKS; do echo "scale@$k"; done); do
         [ -n "${REQS[$k]:-}" ] || continue
         echo "| $k | ${REQS[$k]} | ${CALLS[$k]:-} | ${CONNS[$k]} | ${LOCKS[$k]} |"
+    done
+    echo
+    echo "The floors and peers, per lock+unlock pair: requests as the driver counts them (unary calls for"
+    echo "the Go peers; the blog pattern's keepalive stream is not one), calls as etcd counts them, and"
+    echo "the connections the driver opened (floor: curl's count, with the one its set-up opened; Go: gRPC's,"
+    echo "while the clock ran). Last round."
+    echo
+    echo "| run | requests per pair | etcd calls per pair | connections opened | pairs |"
+    echo "|---|---|---|---|---|"
+    for w in floor gofloor gosvc goshared goblog npm etcdctl floortls goblogtls; do
+        for c in $LEVELS; do
+            k=$w@$c
+            [ -n "${NOPS[$k]:-}" ] || continue
+            echo "| $k | $(ratio "${DRV_REQS[$k]:-}" "${NOPS[$k]}" | tr -d x) | ${CALLS[$k]:--} | ${DRV_CONNS[$k]:--} | ${NOPS[$k]} |"
+        done
     done
     echo
     echo "## Contended: N clients on one name"
@@ -802,16 +950,18 @@ report="$bench/results/latest.md"
     echo
     echo "## CPU time per lock+unlock (ms, user + system)"
     echo
-    echo "| workload | client process | etcd |"
+    echo "The client process's own CPU time, as the drivers report it (medians; the pgbench rows run"
+    echo "in PostgreSQL backends, whose CPU is not isolated here), and, for the memory loop, the backend's."
+    echo
+    echo "| workload | client process at $(echo $LEVELS | sed 's/ /, /g') clients | etcd |"
     echo "|---|---|---|"
-    echo "| floor, 1 client | ${CLIENTCPU[floor@1]:--} | ${ETCDCPU[floor@1]:--} |"
-    for w in session session1; do
-        [ -n "${ETCDCPU[$w@1]:-}" ] && echo "| $w, 1 client (pgbench; the backend's CPU is not isolated here) | - | ${ETCDCPU[$w@1]} |"
+    for w in floor gofloor gosvc goshared goblog floortls goblogtls; do
+        echo "| $(short_name "$w") | $(for c in $LEVELS; do echo "${CLIENTCPU[$w@$c]:--}"; done | xargs | sed 's/ /, /g') | $(for c in $LEVELS; do echo "${ETCDCPU[$w@$c]:--}"; done | xargs | sed 's/ /, /g') |"
     done
     if [ "${#MEM_TICKS[@]}" -ge 2 ]; then
         read -r mc0 mt0 <<<"${MEM_TICKS[0]}"
         read -r mc1 mt1 <<<"${MEM_TICKS[-1]}"
-        echo "| memory loop: 1 statement per cycle, psql \\gexec (client process = the backend) | $(awk -v t=$((mt1 - mt0)) -v n=$((mc1 - mc0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t * 1000 / hz / n }') | $(awk -v d=$((mem_e1 - mem_e0)) -v n="$mc1" 'BEGIN { printf "%.3f", d / n }') |"
+        echo "| memory loop: 1 statement per cycle, psql \\gexec (client process = the backend) | $(awk -v t=$((mt1 - mt0)) -v n=$((mc1 - mc0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", t * 1000 / hz / n }') | $(awk -v d=$((mem_e1 - mem_e0)) -v n="$mc1" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", d * 1000 / hz / n }') |"
     fi
     echo
     echo "## Goals"
@@ -829,15 +979,20 @@ report="$bench/results/latest.md"
     fi
     goal "session ≥ 1.8× npm etcd3 (at $LEVELS clients)" "$(levels_of session ratio_at npm)" 1.8 ">=" \
         "$(levels_of floor ratio_at npm)"
-    goal "session ≥ 1.8× Go-style over HTTP (at $LEVELS clients)" "$(levels_of session ratio_at gohttp)" 1.8 ">=" \
-        "$(levels_of floor ratio_at gohttp)"
+    goal "session ≥ 1.8× the Go blog pattern (at $LEVELS clients)" "$(levels_of session ratio_at goblog)" 1.8 ">=" \
+        "$(levels_of floor ratio_at goblog)"
     if [ "$HAVE_TLS" -gt 0 ]; then
-        goal "session over TLS ≥ 3× Go-style over TLS (at $LEVELS clients)" "$(levels_of sessiontls ratio_at gotls)" 3 ">=" \
-            "$(levels_of floortls ratio_at gotls)"
+        goal "session over TLS ≥ 3× the Go blog pattern over TLS (at $LEVELS clients)" "$(levels_of sessiontls ratio_at goblogtls)" 3 ">=" \
+            "$(levels_of floortls ratio_at goblogtls)"
     else
-        goal "session ≥ 3× Go-style over TLS (etcd_lock over HTTP: it has no TLS settings)" "$(levels_of session ratio_at gotls)" 3 ">=" \
-            "$(levels_of floortls ratio_at gotls)"
+        goal "session ≥ 3× the Go blog pattern over TLS (etcd_lock over HTTP: it has no TLS settings)" "$(levels_of session ratio_at goblogtls)" 3 ">=" \
+            "$(levels_of floortls ratio_at goblogtls)"
     fi
+    # issue 11 sets these for a gRPC transport; until there is one, they show where JSON stands
+    goal "session ≥ 0.85× the Go service (at $LEVELS clients)" "$(levels_of session ratio_at gosvc)" 0.85 ">=" \
+        "$(levels_of floor ratio_at gosvc)"
+    goal "session ≥ 0.85× the gRPC floor (at $LEVELS clients)" "$(levels_of session ratio_at gofloor)" 0.85 ">=" \
+        "$(levels_of floor ratio_at gofloor)"
     goal "contended handoff p50 < 5 ms (ms, at $CONTENDED_LEVELS clients, HTTP)" \
         "$(for c in $CONTENDED_LEVELS; do echo "${HO_P50[contended@$c]:--}"; done | xargs)" 5 "<"
     goal "keepalives ≤ 1 per lease per ttl/3, and > 0 (at $SCALE_LOCKS locks held)" \

@@ -295,6 +295,12 @@ say "starting throwaway PostgreSQL servers"
 start_pg http "etcd_lock.endpoints = '$ETCD_HTTP'"
 HAVE_XACT=$(sql "SELECT count(*) FROM pg_proc WHERE proname = 'etcd_xact_lock'")
 HAVE_TLS=$(sql "SELECT count(*) FROM pg_settings WHERE name = 'etcd_lock.cert'")
+HAVE_GRPC=$(sql "SELECT count(*) FROM pg_settings WHERE name = 'etcd_lock.transport'")
+if [ "$HAVE_GRPC" -gt 0 ]; then
+    # the same etcd, over its gRPC API instead of the gateway
+    start_pg grpc "etcd_lock.endpoints = '$ETCD_HTTP'
+etcd_lock.transport = 'grpc'"
+fi
 if [ "$HAVE_TLS" -gt 0 ]; then
     start_pg tls "etcd_lock.endpoints = '$ETCD_TLS'
 etcd_lock.cacert = '$CERTS/ca.pem'
@@ -539,6 +545,17 @@ for c in $LEVELS; do
         NOTE[xact@$c]="skipped (etcd_xact_lock not available)"
         echo "   xact@$c: ${NOTE[xact@$c]}" >&2
     fi
+    if [ "$HAVE_GRPC" -gt 0 ]; then
+        PGI=grpc
+        for w in session session1 xact; do
+            measure "$H" run_pgbench "${w}grpc@$c" "$c" "$w.sql"
+        done
+        PGI=http
+    else
+        for w in session session1 xact; do
+            NOTE[${w}grpc@$c]="skipped (no etcd_lock.transport setting)"
+        done
+    fi
     measure "$H" run_pgbench "insert@$c" "$c" insert.sql
     measure "$H" run_pgbench "advisory@$c" "$c" advisory.sql
     go_peer "gosvc@$c" service "$c"
@@ -613,6 +630,10 @@ for c in $CONTENDED_LEVELS; do
     if [ "$HAVE_TLS" -gt 0 ]; then
         PGI=tls
         contended_run "contendedtls@$c" "$c"
+    fi
+    if [ "$HAVE_GRPC" -gt 0 ]; then
+        PGI=grpc
+        contended_run "contendedgrpc@$c" "$c"
     fi
 done
 PGI=http
@@ -765,7 +786,7 @@ goal() {
         for (i = 1; i <= n; i++) {
             if (a[i] == "-" || a[i] == "") continue
             cnt++; x = a[i]; sub(/x$/, "", x); x += 0
-            if ((op == ">=" && x < t) || (op == "<" && x >= t) || (op == "(0,]" && (x <= 0 || x > t))) ok = 0 }
+            if ((op == ">=" && x < t) || (op == "<" && x >= t) || (op == "<=" && x > t) || (op == "(0,]" && (x <= 0 || x > t))) ok = 0 }
         if (cnt == 0) print "not measured"; else print (ok ? "met" : "**not met**") }')
     echo "| $1 | ${2:--} | ${5:--} | $verdict |"
 }
@@ -774,6 +795,12 @@ ratio_at() { ratio "${OPS[$1@$3]:-}" "${OPS[$2@$3]:-}"; }
 short_name() {
     case $1 in
         floor) echo "JSON floor" ;;
+        session) echo "etcd_lock session (JSON)" ;;
+        session1) echo "etcd_lock 1 statement (JSON)" ;;
+        xact) echo "etcd_lock xact (JSON)" ;;
+        sessiongrpc) echo "etcd_lock session (gRPC)" ;;
+        session1grpc) echo "etcd_lock 1 statement (gRPC)" ;;
+        xactgrpc) echo "etcd_lock xact (gRPC)" ;;
         gofloor) echo "gRPC floor" ;;
         floortls) echo "JSON floor over TLS" ;;
         gosvc) echo "Go service" ;;
@@ -815,8 +842,9 @@ report="$bench/results/latest.md"
     echo
     echo "| workload |$hdr_cpu"
     echo "|---|$sep_cpu"
-    for w in floor gofloor session session1 xact sessiontls gosvc goshared goblog npm etcdctl \
-             floortls goblogtls insert advisory; do
+    for w in floor gofloor session session1 xact sessiongrpc session1grpc xactgrpc sessiontls \
+             gosvc goshared goblog npm etcdctl floortls goblogtls insert advisory; do
+        case $w in *grpc) [ "$HAVE_GRPC" = 0 ] && continue ;; esac
         case $w in
             floor) label="JSON floor: etcd_lock's 2 requests over the gateway, kept-alive HTTP (C, no PostgreSQL)" ;;
             gofloor) label="gRPC floor: the same 2 requests from Go over gRPC (clientv3 KV.Txn)" ;;
@@ -824,6 +852,9 @@ report="$bench/results/latest.md"
             session1) label="**etcd_lock** session lock and unlock in 1 statement" ;;
             xact) label="**etcd_lock** xact lock around an INSERT (BEGIN; lock; INSERT; COMMIT)" ;;
             sessiontls) label="**etcd_lock** session lock; unlock, over TLS with client certs" ;;
+            sessiongrpc) label="**etcd_lock over gRPC** session lock; unlock (2 statements)" ;;
+            session1grpc) label="**etcd_lock over gRPC** lock and unlock in 1 statement" ;;
+            xactgrpc) label="**etcd_lock over gRPC** xact lock around an INSERT" ;;
             gosvc) label="peer: Go service, one client and session reused per worker (best practice)" ;;
             goshared) label="peer: Go service, one client and session shared by all workers" ;;
             goblog) label="peer: Go, the blog's pattern: new client and session per lock" ;;
@@ -844,6 +875,8 @@ report="$bench/results/latest.md"
     echo "| ratio |$hdr_levels"
     echo "|---|$sep_levels"
     for pair in session:floor session:gofloor session:gosvc session:goshared session:goblog \
+                sessiongrpc:gofloor sessiongrpc:gosvc sessiongrpc:goshared sessiongrpc:session \
+                session1grpc:gofloor session1grpc:gosvc xactgrpc:xact \
                 session:npm session:etcdctl session:goblogtls \
                 session1:floor sessiontls:floortls sessiontls:goblogtls \
                 xact:floor xact:gosvc xact:goblog xact:npm xact:etcdctl xact:goblogtls \
@@ -852,6 +885,7 @@ report="$bench/results/latest.md"
         b=${pair#*:}
         [ "$e" = xact ] && [ "$HAVE_XACT" = 0 ] && continue
         [ "$e" = sessiontls ] && [ "$HAVE_TLS" = 0 ] && continue
+        case $e in *grpc) [ "$HAVE_GRPC" = 0 ] && continue ;; esac
         el=$e
         [ "$e" = session ] && [ "$b" = goblogtls ] && el="session (over HTTP)"
         case $e in floor|floortls) el="ceiling: $e" ;; esac
@@ -866,7 +900,8 @@ report="$bench/results/latest.md"
     echo
     echo "| ratio |$hdr_levels"
     echo "|---|$sep_levels"
-    for pair in floor:gofloor session:gofloor session:gosvc gosvc:gofloor; do
+    for pair in floor:gofloor session:gofloor session:gosvc gosvc:gofloor \
+                sessiongrpc:session session1grpc:session1 xactgrpc:xact sessiongrpc:gofloor sessiongrpc:gosvc; do
         e=${pair%%:*}
         b=${pair#*:}
         row="| $(short_name "$e") ÷ $(short_name "$b") |"
@@ -883,8 +918,9 @@ report="$bench/results/latest.md"
     echo
     echo "| run | requests per lock | etcd calls per lock | TCP connections | locks |"
     echo "|---|---|---|---|---|"
-    for k in $(for w in session session1 xact sessiontls; do for c in $LEVELS; do echo "$w@$c"; done; done
-               for c in $CONTENDED_LEVELS; do echo "contended@$c"; echo "contendedtls@$c"; done
+    for k in $(for w in session session1 xact sessiongrpc session1grpc xactgrpc sessiontls; do
+                   for c in $LEVELS; do echo "$w@$c"; done; done
+               for c in $CONTENDED_LEVELS; do echo "contended@$c"; echo "contendedtls@$c"; echo "contendedgrpc@$c"; done
                for k in $SCALE_LOCKS; do echo "scale@$k"; done); do
         [ -n "${REQS[$k]:-}" ] || continue
         echo "| $k | ${REQS[$k]} | ${CALLS[$k]:-} | ${CONNS[$k]} | ${LOCKS[$k]} |"
@@ -909,9 +945,11 @@ report="$bench/results/latest.md"
     echo
     echo "| clients | handoffs/s | release → acquire p50 | p99 | over 20 ms | hold p50 | handoffs | overlaps (must be 0) |"
     echo "|---|---|---|---|---|---|---|---|"
-    for k in $(for c in $CONTENDED_LEVELS; do echo "contended@$c"; [ "$HAVE_TLS" -gt 0 ] && echo "contendedtls@$c"; done); do
+    for k in $(for c in $CONTENDED_LEVELS; do echo "contended@$c"; [ "$HAVE_TLS" -gt 0 ] && echo "contendedtls@$c"
+                   [ "$HAVE_GRPC" -gt 0 ] && echo "contendedgrpc@$c"; done); do
         c=${k#*@}
         [ "${k%@*}" = contendedtls ] && c="$c, over TLS"
+        [ "${k%@*}" = contendedgrpc ] && c="$c, over gRPC"
         echo "| $c | ${HO_RATE[$k]:-failed} | ${HO_P50[$k]:--} ms | ${HO_P99[$k]:--} ms | ${HO_SLOW[$k]:--}% | ${HO_HOLD[$k]:--} ms | ${HO_N[$k]:--} | ${HO_OVERLAP[$k]:--} |"
     done
     echo
@@ -988,13 +1026,23 @@ report="$bench/results/latest.md"
         goal "session ≥ 3× the Go blog pattern over TLS (etcd_lock over HTTP: it has no TLS settings)" "$(levels_of session ratio_at goblogtls)" 3 ">=" \
             "$(levels_of floortls ratio_at goblogtls)"
     fi
-    # issue 11 sets these for a gRPC transport; until there is one, they show where JSON stands
-    goal "session ≥ 0.85× the Go service (at $LEVELS clients)" "$(levels_of session ratio_at gosvc)" 0.85 ">=" \
+    if [ "$HAVE_GRPC" -gt 0 ]; then
+        goal "etcd CPU per pair over gRPC ≤ 0.6× over JSON (at $LEVELS clients)" \
+            "$(for c in $LEVELS; do ratio "${ETCDCPU[sessiongrpc@$c]:-}" "${ETCDCPU[session@$c]:-}"; done | xargs)" 0.6 "<=" \
+            "$(for c in $LEVELS; do ratio "${ETCDCPU[gofloor@$c]:-}" "${ETCDCPU[floor@$c]:-}"; done | xargs)"
+        goal "session over gRPC ≥ 0.85× the Go service (at $LEVELS clients)" "$(levels_of sessiongrpc ratio_at gosvc)" 0.85 ">=" \
+            "$(levels_of gofloor ratio_at gosvc)"
+        goal "session over gRPC ≥ 0.85× the gRPC floor (at $LEVELS clients)" "$(levels_of sessiongrpc ratio_at gofloor)" 0.85 ">=" \
+            "1.00x"
+    fi
+    goal "session over JSON ≥ 0.85× the Go service (at $LEVELS clients)" "$(levels_of session ratio_at gosvc)" 0.85 ">=" \
         "$(levels_of floor ratio_at gosvc)"
-    goal "session ≥ 0.85× the gRPC floor (at $LEVELS clients)" "$(levels_of session ratio_at gofloor)" 0.85 ">=" \
-        "$(levels_of floor ratio_at gofloor)"
     goal "contended handoff p50 < 5 ms (ms, at $CONTENDED_LEVELS clients, HTTP)" \
         "$(for c in $CONTENDED_LEVELS; do echo "${HO_P50[contended@$c]:--}"; done | xargs)" 5 "<"
+    if [ "$HAVE_GRPC" -gt 0 ]; then
+        goal "contended handoff p50 < 5 ms (ms, at $CONTENDED_LEVELS clients, gRPC)" \
+            "$(for c in $CONTENDED_LEVELS; do echo "${HO_P50[contendedgrpc@$c]:--}"; done | xargs)" 5 "<"
+    fi
     goal "keepalives ≤ 1 per lease per ttl/3, and > 0 (at $SCALE_LOCKS locks held)" \
         "$(for k in $SCALE_LOCKS; do echo "${SC_KAPER[scale@$k]:--}"; done | xargs)" 1.05 "(0,]"
     echo

@@ -12,16 +12,15 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdCluster;
-use EtcdServer;
+use EtcdLockTest;
 use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
 my $TOKEN_TTL = 3;
-my $etcd = EtcdCluster->new(name => 'auth', extra => [ '--auth-token-ttl', $TOKEN_TTL ]);
+my $etcd = EtcdLockTest::Etcd->new(name => 'auth', extra => [ '--auth-token-ttl', $TOKEN_TTL ]);
 $etcd->enable_auth;
 like($etcd->etcdctl('role', 'get', 'etcd_lock_role'), qr/KV Read:\s+\[etcd_lock\/, etcd_lock0\)/,
 	'etcd_lock_role may read and write etcd_lock/ only');
@@ -31,14 +30,14 @@ $ok = IPC::Run::run([ 'etcdctl', '--endpoints', $etcd->url, '--dial-timeout=2s',
 		'--command-timeout=2s', 'put', 'etcd_lock/probe', 'v' ], '<', \undef, '>', \$o, '2>', \$e);
 ok(!$ok, 'etcd refuses a write without credentials: auth is on');
 
-my $node = EtcdServer::pg_node('auth', $etcd->url, qq{
+my $node = pg_node('auth', $etcd->url, qq{
 etcd_lock.user = 'pglock'
 etcd_lock.password = 'secret'
 });
 
 my %observed;
-my $s = EtcdServer::session($node);
-my $s_pid = $s->query_safe('SELECT pg_backend_pid()');
+my $s = session($node);
+my $s_pid = $s->pid;
 
 # ---------------------------------------------------------------------------
 # Locks work, with one authentication for many requests
@@ -76,11 +75,11 @@ my ($out, $err);
 for my $case ([ 'other/', 'x' ], [ '', 'registry/pods' ])
 {
 	my ($prefix, $name) = @$case;
-	($out, $err) = EtcdCluster::run_sql($s, "SET etcd_lock.prefix = '$prefix'");
+	($out, $err) = $s->query("SET etcd_lock.prefix = '$prefix'");
 	is($err, '', "superuser sets etcd_lock.prefix = '$prefix'");
-	($out, $err) = EtcdCluster::run_sql($s, "SELECT etcd_lock('$name')");
-	my $code = EtcdCluster::sqlstate($err);
-	$observed{"lock $prefix$name outside the role"} = "$code: " . EtcdCluster::errmsg($err);
+	($out, $err) = $s->query("SELECT etcd_lock('$name')");
+	my $code = sqlstate($err);
+	$observed{"lock $prefix$name outside the role"} = "$code: " . errmsg($err);
 	is($code, '42501', "prefix '$prefix': etcd refuses $prefix$name/ (permission denied, 42501)");
 	like($err, qr/DETAIL:  etcdserver: permission denied/, "prefix '$prefix': etcd's reason in DETAIL");
 	is($out, '', "prefix '$prefix': no handle");
@@ -98,25 +97,24 @@ $etcd->no_leftovers('prefix reset');
 # ---------------------------------------------------------------------------
 is($s->query_safe('SHOW etcd_lock.password'), 'secret', 'the superuser can read the password');
 $node->safe_psql('postgres', 'CREATE ROLE alice LOGIN');
-my $alice = EtcdServer::session($node, extra_params => [ '-U', 'alice' ]);
+my $alice = session($node, user => 'alice');
 is($alice->query_safe('SELECT current_user'), 'alice', 'a non-superuser session');
 for my $g (qw(password user))
 {
-	($out, $err) = EtcdCluster::run_sql($alice,
-		"SELECT count(*) FROM pg_settings WHERE name = 'etcd_lock.$g'");
+	($out, $err) = $alice->query("SELECT count(*) FROM pg_settings WHERE name = 'etcd_lock.$g'");
 	is($out, '0', "non-superuser: pg_settings has no etcd_lock.$g row");
-	my $id = EtcdCluster::guc_ident("etcd_lock.$g");
-	($out, $err) = EtcdCluster::run_sql($alice, "SHOW $id");
-	is(EtcdCluster::sqlstate($err), '42501', "non-superuser: SHOW etcd_lock.$g is refused (42501)");
-	$observed{"non-superuser SHOW etcd_lock.$g"} = EtcdCluster::errmsg($err);
-	($out, $err) = EtcdCluster::run_sql($alice, "SELECT current_setting('etcd_lock.$g')");
-	is(EtcdCluster::sqlstate($err), '42501', "non-superuser: current_setting('etcd_lock.$g') is refused");
-	($out, $err) = EtcdCluster::run_sql($alice, "SET $id = 'x'");
-	is(EtcdCluster::sqlstate($err), '55P02', "non-superuser: SET etcd_lock.$g fails (55P02)");
+	my $id = EtcdLockTest::guc_ident("etcd_lock.$g");
+	($out, $err) = $alice->query("SHOW $id");
+	is(sqlstate($err), '42501', "non-superuser: SHOW etcd_lock.$g is refused (42501)");
+	$observed{"non-superuser SHOW etcd_lock.$g"} = errmsg($err);
+	($out, $err) = $alice->query("SELECT current_setting('etcd_lock.$g')");
+	is(sqlstate($err), '42501', "non-superuser: current_setting('etcd_lock.$g') is refused");
+	($out, $err) = $alice->query("SET $id = 'x'");
+	is(sqlstate($err), '55P02', "non-superuser: SET etcd_lock.$g fails (55P02)");
 }
-($out, $err) = EtcdCluster::run_sql($alice, 'SELECT count(*) FROM pg_file_settings');
-is(EtcdCluster::sqlstate($err), '42501', 'non-superuser: pg_file_settings (which shows the file) is refused');
-($out, $err) = EtcdCluster::run_sql($alice, q{SELECT etcd_unlock(etcd_lock('alice'))});
+($out, $err) = $alice->query('SELECT count(*) FROM pg_file_settings');
+is(sqlstate($err), '42501', 'non-superuser: pg_file_settings (which shows the file) is refused');
+($out, $err) = $alice->query(q{SELECT etcd_unlock(etcd_lock('alice'))});
 is($out, 't', 'the non-superuser locks with the server\'s etcd credentials');
 $alice->quit;
 
@@ -124,12 +122,12 @@ $alice->quit;
 # A wrong password: 28P01, then fixed in the same session
 # ---------------------------------------------------------------------------
 $s->query_safe('SELECT etcd_unlock_all()');
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.password' => 'wrong-pw');
+set_conf($node, [$s], 'etcd_lock.password' => 'wrong-pw');
 my $elapsed;
-($out, $err, $elapsed) = EtcdCluster::run_sql($s, q{SELECT etcd_lock('auth-pw')});
+($out, $err, undef, $elapsed) = $s->query(q{SELECT etcd_lock('auth-pw')});
 note "wrong password: $err";
-$observed{'wrong password'} = EtcdCluster::sqlstate($err) . ': ' . EtcdCluster::errmsg($err);
-is(EtcdCluster::sqlstate($err), '28P01', 'wrong password: SQLSTATE 28P01');
+$observed{'wrong password'} = sqlstate($err) . ': ' . errmsg($err);
+is(sqlstate($err), '28P01', 'wrong password: SQLSTATE 28P01');
 like($err, qr/etcd authentication failed for user "pglock"/, 'wrong password: the message names the user');
 like($err, qr/DETAIL:  etcdserver: authentication failed/, 'wrong password: etcd\'s reason in DETAIL');
 unlike($err, qr/wrong-pw/, 'wrong password: the error does not show the password');
@@ -144,15 +142,15 @@ TODO:
 	unlike(join('', grep { !/LOG:  statement: / } split /^/, slurp_file($node->logfile)),
 		qr/wrong-pw/, 'the server log shows the password nowhere but in our ALTER SYSTEM');
 }
-EtcdCluster::server_ok($node, 'wrong password');
+server_ok($node, 'wrong password');
 
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.password' => undef);
-($out, $err) = EtcdCluster::run_sql($s, q{SELECT etcd_lock('auth-pw')});
+set_conf($node, [$s], 'etcd_lock.password' => undef);
+($out, $err) = $s->query(q{SELECT etcd_lock('auth-pw')});
 is($err, '', 'password reset: no error');
 like($out, qr{^etcd_lock/auth-pw/[0-9a-f]+$}, 'password reset: the same session locks again');
-is((EtcdCluster::run_sql($s, 'SELECT etcd_unlock_all()'))[0], '1', 'password reset: unlock');
+is(scalar($s->query('SELECT etcd_unlock_all()')), '1', 'password reset: unlock');
 # back in postgresql.conf's value, which is the right one
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.password' => 'secret');
+set_conf($node, [$s], 'etcd_lock.password' => 'secret');
 $etcd->no_leftovers('password fixed');
 
 # ---------------------------------------------------------------------------
@@ -165,11 +163,11 @@ my $unauth0 = $etcd->grpc_calls('LeaseGrant', 'Unauthenticated')
 $auth0 = $etcd->grpc_calls('Authenticate', 'OK');
 my $fail0 = $node->safe_psql('postgres', 'SELECT failures FROM etcd_lock_stats');
 # etcd drops a simple token TTL seconds after its last use, checking once a
-# second: idle for TTL + 2 s.  This waits on the clock, the very condition.
-my $idle_from = time;
-ok($etcd->poll_until('token expiry', sub { time - $idle_from >= $TOKEN_TTL + 2 }),
-	"the session idled for more than --auth-token-ttl ($TOKEN_TTL s)");
-($out, $err) = EtcdCluster::run_sql($s, q{SELECT etcd_lock('auth-idle')});
+# second: the session idles for TTL + 2 s.  Nothing outside etcd shows the
+# token's end, so this is a wait on the clock; what follows checks that the
+# token had indeed expired (etcd refused it once).
+Time::HiRes::sleep($TOKEN_TTL + 2);
+($out, $err) = $s->query(q{SELECT etcd_lock('auth-idle')});
 is($err, '', 'after the token expired: no error');
 like($out, qr{^etcd_lock/auth-idle/[0-9a-f]+$}, 'after the token expired: the lock works');
 is($s->query_safe(qq{SELECT etcd_unlock('$out')}), 't', 'after the token expired: unlock works');
@@ -189,17 +187,13 @@ $etcd->no_leftovers('token expiry');
 my $ka0 = $node->safe_psql('postgres', 'SELECT keepalives FROM etcd_lock_stats');
 $fail0 = $node->safe_psql('postgres', 'SELECT failures FROM etcd_lock_stats');
 $h = $s->query_safe(q{SELECT etcd_lock('auth-renew', 2)});
-my $lease = EtcdServer::lease_of($h);
+my $lease = lease_of($h);
 like($etcd->etcdctl('lease', 'timetolive', $lease), qr/granted with TTL\(2s\)/, 'a 2 s lease');
-my ($checks, $missing) = (0, 0);
-my $t0 = time;
-while (time - $t0 < 8)
-{
-	my @k = $etcd->keys($h);
-	$checks++;
-	$missing++ unless @k == 1 && $k[0] eq $h;
-	usleep(200_000);
-}
+my $missing = 0;
+my $checks = sample_for(8, 0.2, sub {
+		my @k = $etcd->keys($h);
+		$missing++ unless @k == 1 && $k[0] eq $h;
+	});
 cmp_ok($checks, '>=', 8, "renewal: checked the key $checks times over 8 s");
 is($missing, 0, 'renewal: the key was in etcd at every check (4 TTLs, 2 token TTLs)');
 like($etcd->etcdctl('lease', 'timetolive', $lease), qr/remaining\([12]s\)/, 'renewal: the lease is alive');
@@ -216,11 +210,11 @@ $etcd->no_leftovers('renewal');
 # ---------------------------------------------------------------------------
 # No user against the auth etcd
 # ---------------------------------------------------------------------------
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.user' => '', 'etcd_lock.password' => '');
-($out, $err, $elapsed) = EtcdCluster::run_sql($s, q{SELECT etcd_lock('auth-nouser')});
+set_conf($node, [$s], 'etcd_lock.user' => '', 'etcd_lock.password' => '');
+($out, $err, undef, $elapsed) = $s->query(q{SELECT etcd_lock('auth-nouser')});
 note "empty user: $err";
-my $code = EtcdCluster::sqlstate($err);
-$observed{'empty etcd_lock.user'} = "$code: " . EtcdCluster::errmsg($err);
+my $code = sqlstate($err);
+$observed{'empty etcd_lock.user'} = "$code: " . errmsg($err);
 is($out, '', 'empty user: no handle');
 # etcd answers 400, code 3 (InvalidArgument) "user name is empty"
 is($code, '28000', 'empty user: SQLSTATE 28000 (invalid authorization specification)');
@@ -230,9 +224,9 @@ like($err, qr/DETAIL:  etcdserver: user name is empty/, 'empty user: etcd\'s rea
 like($err, qr/HINT:  Set etcd_lock.user and etcd_lock.password/, 'empty user: the hint names the settings');
 cmp_ok($elapsed, '<', 10, 'empty user: reported promptly');
 $etcd->no_leftovers('empty user');
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.user' => undef, 'etcd_lock.password' => undef);
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.user' => 'pglock', 'etcd_lock.password' => 'secret');
-($out, $err) = EtcdCluster::run_sql($s, q{SELECT etcd_unlock(etcd_lock('auth-nouser'))});
+set_conf($node, [$s], 'etcd_lock.user' => undef, 'etcd_lock.password' => undef);
+set_conf($node, [$s], 'etcd_lock.user' => 'pglock', 'etcd_lock.password' => 'secret');
+($out, $err) = $s->query(q{SELECT etcd_unlock(etcd_lock('auth-nouser'))});
 is($out, 't', 'user restored: the same session locks again');
 $s->query_safe('SELECT etcd_unlock_all()');
 $etcd->no_leftovers('user restored');
@@ -243,10 +237,10 @@ $etcd->no_leftovers('user restored');
 # token") to any Authorization header, which the metrics below would count;
 # etcd 3.5 ignores the header, so there they only show nothing was refused.
 # ---------------------------------------------------------------------------
-my $open = EtcdCluster->new(name => 'noauth');
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.endpoints' => $open->url);
+my $open = EtcdLockTest::Etcd->new(name => 'noauth');
+set_conf($node, [$s], 'etcd_lock.endpoints' => $open->url);
 $fail0 = $node->safe_psql('postgres', 'SELECT failures FROM etcd_lock_stats');
-($out, $err) = EtcdCluster::run_sql($s, q{SELECT etcd_lock('open', 2)});
+($out, $err) = $s->query(q{SELECT etcd_lock('open', 2)});
 is($err, '', 'etcd without auth: no error');
 like($out, qr{^etcd_lock/open/[0-9a-f]+$}, 'etcd without auth: locks work with etcd_lock.user set');
 is_deeply([ $open->keys('etcd_lock/open/') ], [$out], 'etcd without auth: the key is there');
@@ -256,8 +250,8 @@ for my $i (1 .. 5)
 }
 # the worker too renews without a token
 $ka0 = $node->safe_psql('postgres', 'SELECT keepalives FROM etcd_lock_stats');
-ok( $open->poll_until('keepalives', sub {
-			$node->safe_psql('postgres', 'SELECT keepalives FROM etcd_lock_stats') >= $ka0 + 4 }),
+ok( poll_until(sub {
+			$node->safe_psql('postgres', 'SELECT keepalives FROM etcd_lock_stats') >= $ka0 + 4 }, undef, 'keepalives'),
 	'etcd without auth: the worker renews');
 is($open->grpc_calls('LeaseKeepAlive', 'Unauthenticated') + $open->grpc_calls('Txn', 'Unauthenticated'),
 	0, 'etcd without auth: no request was refused as unauthenticated (on 3.4: no token sent)');
@@ -271,11 +265,11 @@ cmp_ok($failures, '<=', 2,
 	"etcd without auth: etcd_lock_stats.failures counts at most that one answer per process ($failures)");
 is($s->query_safe('SELECT etcd_unlock_all()'), '1', 'etcd without auth: unlock');
 is_deeply([ $open->leases ], [], 'etcd without auth: no lease left');
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
+set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
 
 $s->quit;
 $etcd->no_leftovers('end');
-EtcdCluster::server_ok($node, 'end');
+server_ok($node, 'end');
 note "observed: $_ => $observed{$_}" for sort keys %observed;
 $node->stop;
 done_testing();

@@ -5,6 +5,7 @@ OBJS = \
 	$(WIN32RES) \
 	client.o \
 	etcd_lock.o \
+	http.o \
 	locks.o \
 	recipe.o \
 	shmem.o \

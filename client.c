@@ -1,13 +1,14 @@
 /*-------------------------------------------------------------------------
  *
  * client.c
- *		  The etcd client: HTTP/JSON requests to etcd's gateway through
- *		  libcurl's multi interface, waited on with PostgreSQL latches.
+ *		  The etcd client: etcd's JSON gateway over the HTTP driver, with
+ *		  the members to try and in what order, failover, authentication,
+ *		  the mapping of etcd's errors to SQLSTATEs, and the watch.
  *
- * Every wait goes through etcd_multi_wait(), which sleeps on the process
- * latch and on curl's sockets at once.  Backends call CHECK_FOR_INTERRUPTS()
- * after each wake, so cancel, statement_timeout and lock_timeout are
- * reported by PostgreSQL itself, at once.
+ * Each process (a backend, or the lease worker) has its own client state:
+ * the endpoint order, the auth token, and in a backend one transfer for
+ * requests and one for the watch.  The worker drives transfers of its own
+ * and takes only the pieces it needs from here.
  *
  * IDENTIFICATION
  *		  client.c
@@ -17,64 +18,31 @@
 #include "postgres.h"
 
 #include <ctype.h>
+#include <limits.h>
 #include <math.h>
-#include <unistd.h>
-
-#include <curl/curl.h>
 
 #include "common/base64.h"
 #include "miscadmin.h"
-#include "pgstat.h"
-#include "storage/ipc.h"
-#include "storage/latch.h"
+#include "storage/fd.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
-#include "utils/wait_event.h"
 
-#include "etcd_lock.h"
+#include "client.h"
+#include "http.h"
+#include "shmem.h"
 
-/* Sockets one multi handle may watch; curl uses one or two per transfer. */
-#define ETCD_MAX_SOCKETS	256
-
-/* A response larger than this is refused: etcd's own limit is ~1.5 MB. */
-#define ETCD_MAX_BODY		(4 * 1024 * 1024)
-
-struct EtcdMulti
-{
-	CURLM	   *multi;
-	int			nsocks;
-	curl_socket_t socks[ETCD_MAX_SOCKETS];
-	int			what[ETCD_MAX_SOCKETS];
-	/* latch, postmaster and sockets; rebuilt only when the sockets change */
-	WaitEventSet *set;
-	bool		set_stale;
-};
-
-/*
- * Curl handles and response buffers live for the whole process, so they are
- * malloc'd: no memory context may reset them under curl's feet.
- */
-struct EtcdTransfer
-{
-	CURL	   *easy;
-	struct curl_slist *headers;
-	char	   *buf;
-	size_t		len;
-	size_t		cap;
-	size_t		consumed;		/* watch streams: bytes already parsed */
-	bool		too_big;
-	bool		active;			/* added to a multi handle */
-	bool		done;
-	CURLcode	code;
-	char		errbuf[CURL_ERROR_SIZE];
-	bool		with_auth;		/* send the auth token, if we have one */
-	char	   *header_token;	/* the token in headers, malloc'd */
-};
+/* settings (GUCs) */
+int			etcd_lock_request_timeout = 2000;
+static char *endpoints_setting = NULL;
+static char *auth_user = NULL;
+static char *auth_password_file = NULL;
 
 /* This backend's client: one multi handle, a unary and a watch transfer. */
 static EtcdMulti *backend_multi = NULL;
 static EtcdTransfer *unary = NULL;
 static EtcdTransfer *watch = NULL;
+static int	backend_tls_generation = 0;	/* of the TLS files of its pool */
 
 /*
  * Parsed etcd_lock.endpoints, the member that answered last, and until when
@@ -86,13 +54,14 @@ static bool endpoints_stale = true;
 static int	preferred_endpoint = 0;
 static TimestampTz *skip_until = NULL;
 
+/* The longest password we read from etcd_lock.password_file. */
+#define ETCD_PASSWORD_MAX	4096
+
 /* A member that failed goes to the back of the line for this long. */
 #define ENDPOINT_BACKOFF_MS	3000
 
 /* Requests started by this process give up at this time (0: never). */
 static TimestampTz request_deadline = 0;
-
-static bool curl_ready = false;
 
 /* Watch state: when it started, and whether etcd confirmed it. */
 static TimestampTz watch_started;
@@ -107,41 +76,34 @@ static int	watch_endpoint;		/* the member it was sent to */
 #define WATCH_RECHECK_MS	5000
 
 /*
- * etcd auth token, shared by everything in this process.  malloc'd: it
- * outlives transactions.  NULL until authenticated, or when auth is off.
+ * This process's etcd auth token.  malloc'd: it outlives transactions.
+ * NULL until authenticated, or when auth is off.
  */
 static char *auth_token = NULL;
 static bool auth_off = false;	/* etcd said auth is not enabled */
 
-/*
- * Bumped when the TLS files change.  curl does not compare every TLS option
- * when it reuses a connection (not the key file), so a multi handle made
- * before the change is dropped, with its connections.
- */
-static int	tls_generation = 0;
-static int	backend_tls_generation = 0;
-
-static void
-curl_init_once(void)
-{
-	if (curl_ready)
-		return;
-	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_SYSTEM_ERROR),
-				 errmsg("could not initialize libcurl")));
-	curl_ready = true;
-}
-
-/*
- * Called from the GUC assign hook: reparse lazily, since assign hooks must
- * not fail.
- */
-void
-etcd_endpoints_changed(void)
-{
-	endpoints_stale = true;
-}
+static void parse_endpoints(void);
+static long request_time_limit(void);
+static char *json_message(cJSON *obj);
+static bool parse_result(const char *body, size_t len, EtcdResult *res);
+static void client_init(void);
+static void run_unary(void);
+static bool request_once(int idx, const char *path, const char *body,
+						 bool with_auth, EtcdResult *res);
+static bool authenticate(int idx, EtcdResult *res);
+static bool request_endpoint(int idx, const char *path, const char *body,
+							 EtcdResult *res);
+static bool worth_failover(EtcdResult *res);
+static char *read_password(int elevel);
+static int grpc_sqlstate(EtcdResult *res);
+static char *request_context(const char *path, const char *ep);
+static EtcdWatchEvent watch_scan(void);
+static EtcdWatchEvent watch_failed(void);
+static char *b64_encode(const char *data, int len);
+static bool check_endpoints(char **newval, void **extra, GucSource source);
+static void assign_endpoints(const char *newval, void *extra);
+static void assign_user(const char *newval, void *extra);
+static void assign_password_file(const char *newval, void *extra);
 
 static void
 parse_endpoints(void)
@@ -162,12 +124,12 @@ parse_endpoints(void)
 			pfree(endpoints[i]);
 		pfree(endpoints);
 	}
-	endpoints = palloc0(sizeof(char *) * (strlen(etcd_lock_endpoints) / 2 + 2));
+	endpoints = palloc0(sizeof(char *) * (strlen(endpoints_setting) / 2 + 2));
 	if (skip_until)
 		pfree(skip_until);
-	skip_until = palloc0(sizeof(TimestampTz) * (strlen(etcd_lock_endpoints) / 2 + 2));
+	skip_until = palloc0(sizeof(TimestampTz) * (strlen(endpoints_setting) / 2 + 2));
 	nendpoints = 0;
-	copy = pstrdup(etcd_lock_endpoints);
+	copy = pstrdup(endpoints_setting);
 	for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save))
 	{
 		size_t		len = strlen(tok);
@@ -280,8 +242,8 @@ etcd_set_deadline(TimestampTz deadline)
 }
 
 /* A request's time limit: request_timeout, cut to the deadline if any. */
-long
-etcd_request_time_limit(void)
+static long
+request_time_limit(void)
 {
 	long		ms = etcd_lock_request_timeout;
 
@@ -289,365 +251,6 @@ etcd_request_time_limit(void)
 		ms = Min(ms, TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
 													 request_deadline));
 	return ms;
-}
-
-/* ----------------------------------------------------------------
- * PostgreSQL version differences, all here
- * ----------------------------------------------------------------
- */
-
-/* The wait_event_info of what this process waits for. */
-static uint32
-wait_event_info(EtcdWait what)
-{
-#if PG_VERSION_NUM >= 170000
-	static const char *const names[ETCD_NWAITS] = {
-		"EtcdLockWait", "EtcdRequest", "EtcdLeaseWorker"
-	};
-	static uint32 info[ETCD_NWAITS];
-
-	/* registered once per cluster, looked up once per process */
-	if (info[what] == 0)
-		info[what] = WaitEventExtensionNew(names[what]);
-	return info[what];
-#else
-	return PG_WAIT_EXTENSION;
-#endif
-}
-
-/* A wait event set that lives until freed, owned by no resource owner. */
-static WaitEventSet *
-create_wait_event_set(int nevents)
-{
-#if PG_VERSION_NUM >= 170000
-	return CreateWaitEventSet(NULL, nevents);
-#else
-	return CreateWaitEventSet(TopMemoryContext, nevents);
-#endif
-}
-
-/* ----------------------------------------------------------------
- * The multi driver
- * ----------------------------------------------------------------
- */
-
-static int
-multi_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
-{
-	EtcdMulti  *m = (EtcdMulti *) userp;
-	int			i;
-
-	for (i = 0; i < m->nsocks; i++)
-		if (m->socks[i] == s)
-			break;
-
-	if (what == CURL_POLL_REMOVE)
-	{
-		if (i < m->nsocks)
-		{
-			m->nsocks--;
-			m->socks[i] = m->socks[m->nsocks];
-			m->what[i] = m->what[m->nsocks];
-			m->set_stale = true;
-		}
-		return 0;
-	}
-	if (i == m->nsocks)
-	{
-		if (m->nsocks >= ETCD_MAX_SOCKETS)
-			return -1;			/* curl fails the transfer; never reached */
-		m->socks[m->nsocks++] = s;
-		m->set_stale = true;
-	}
-	else if (m->what[i] != what)
-		m->set_stale = true;
-	m->what[i] = what;
-	return 0;
-}
-
-EtcdMulti *
-etcd_multi_create(void)
-{
-	EtcdMulti  *m;
-
-	curl_init_once();
-	m = calloc(1, sizeof(EtcdMulti));
-	if (m == NULL || (m->multi = curl_multi_init()) == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory")));
-	curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, multi_socket_cb);
-	curl_multi_setopt(m->multi, CURLMOPT_SOCKETDATA, m);
-	return m;
-}
-
-static size_t
-transfer_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
-{
-	EtcdTransfer *t = (EtcdTransfer *) userdata;
-	size_t		n = size * nmemb;
-
-	/* never ereport here: report through the return value instead */
-	if (t->len - t->consumed + n > ETCD_MAX_BODY)
-	{
-		t->too_big = true;
-		return 0;
-	}
-	if (t->len + n + 1 > t->cap)
-	{
-		size_t		newcap = Max(t->cap * 2, t->len + n + 1);
-		char	   *nb = realloc(t->buf, newcap);
-
-		if (nb == NULL)
-			return 0;
-		t->buf = nb;
-		t->cap = newcap;
-	}
-	memcpy(t->buf + t->len, ptr, n);
-	t->len += n;
-	t->buf[t->len] = '\0';
-	return n;
-}
-
-EtcdTransfer *
-etcd_transfer_create(void)
-{
-	EtcdTransfer *t;
-	CURL	   *e;
-
-	curl_init_once();
-	t = calloc(1, sizeof(EtcdTransfer));
-	if (t == NULL || (t->easy = e = curl_easy_init()) == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory")));
-
-	t->with_auth = true;
-
-	curl_easy_setopt(e, CURLOPT_PRIVATE, t);
-	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, transfer_write_cb);
-	curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
-	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
-	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
-	/* never through a proxy from the server's environment (http_proxy...) */
-	curl_easy_setopt(e, CURLOPT_PROXY, "");
-	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-	curl_easy_setopt(e, CURLOPT_POST, 1L);
-	return t;
-}
-
-/* Headers: JSON, and the auth token when there is one (none when auth is off). */
-static void
-transfer_headers(EtcdTransfer *t, const char *token)
-{
-	char	   *line;
-
-	if (t->headers != NULL &&
-		((token == NULL && t->header_token == NULL) ||
-		 (token && t->header_token && strcmp(token, t->header_token) == 0)))
-		return;
-	curl_slist_free_all(t->headers);
-	free(t->header_token);
-	t->header_token = NULL;
-	t->headers = curl_slist_append(NULL, "Content-Type: application/json");
-	/* no "Expect: 100-continue" round trip for larger bodies */
-	t->headers = curl_slist_append(t->headers, "Expect:");
-	if (token)
-	{
-		/* etcd wants the bare token, without "Bearer" */
-		line = psprintf("Authorization: %s", token);
-		t->headers = curl_slist_append(t->headers, line);
-		pfree(line);
-		t->header_token = strdup(token);
-	}
-	curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
-}
-
-/*
- * TLS settings.  Peer and host name verification stay on (curl's default):
- * nothing here can turn them off.
- */
-static void
-transfer_tls(EtcdTransfer *t)
-{
-	curl_easy_setopt(t->easy, CURLOPT_CAINFO,
-					 etcd_lock_cacert[0] ? etcd_lock_cacert : NULL);
-	curl_easy_setopt(t->easy, CURLOPT_SSLCERT,
-					 etcd_lock_cert[0] ? etcd_lock_cert : NULL);
-	curl_easy_setopt(t->easy, CURLOPT_SSLKEY,
-					 etcd_lock_key[0] ? etcd_lock_key : NULL);
-	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYHOST, 2L);
-}
-
-void
-etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
-					const char *body, long timeout_ms)
-{
-	CURLMcode	rc;
-
-	if (t->active)
-		etcd_transfer_stop(m, t);
-
-	transfer_headers(t, t->with_auth ? auth_token : NULL);
-	transfer_tls(t);
-
-	t->len = 0;
-	t->consumed = 0;
-	t->too_big = false;
-	t->done = false;
-	t->code = CURLE_OK;
-	t->errbuf[0] = '\0';
-
-	curl_easy_setopt(t->easy, CURLOPT_URL, url);
-	curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
-	curl_easy_setopt(t->easy, CURLOPT_COPYPOSTFIELDS, body);
-	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
-	curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) etcd_lock_request_timeout);
-
-	/*
-	 * No ERROR here: this runs at transaction end too.  A request that
-	 * cannot start ends at once, as a transport failure.
-	 */
-	rc = curl_multi_add_handle(m->multi, t->easy);
-	if (rc != CURLM_OK)
-	{
-		t->done = true;
-		t->code = CURLE_FAILED_INIT;
-		snprintf(t->errbuf, sizeof(t->errbuf), "could not start the request: %s",
-				 curl_multi_strerror(rc));
-		return;
-	}
-	t->active = true;
-}
-
-/* Whether to send the auth token with this transfer's requests. */
-void
-etcd_transfer_set_auth(EtcdTransfer *t, bool with_auth)
-{
-	t->with_auth = with_auth;
-}
-
-void
-etcd_transfer_stop(EtcdMulti *m, EtcdTransfer *t)
-{
-	if (!t->active)
-		return;
-	/* a finished transfer leaves its connection in the multi's pool */
-	curl_multi_remove_handle(m->multi, t->easy);
-	t->active = false;
-}
-
-bool
-etcd_transfer_done(EtcdTransfer *t)
-{
-	return t->done;
-}
-
-/*
- * Wait until curl has work to do, the latch is set, or max_wait_ms passes
- * (-1: no limit of our own), then let curl run.  Returns true if the latch
- * was set.  The caller decides whether to CHECK_FOR_INTERRUPTS().
- */
-bool
-etcd_multi_wait(EtcdMulti *m, long max_wait_ms, EtcdWait what)
-{
-	WaitEvent	events[ETCD_MAX_SOCKETS + 2];
-	long		timeout = -1;
-	int			nevents = 0;
-	int			running;
-	bool		latch_set = false;
-	CURLMsg    *msg;
-	int			left;
-	int			i;
-
-	curl_multi_timeout(m->multi, &timeout);
-	if (max_wait_ms >= 0 && (timeout < 0 || timeout > max_wait_ms))
-		timeout = max_wait_ms;
-
-	if (timeout != 0)
-	{
-		/*
-		 * A kept-alive connection keeps its socket, so the set usually
-		 * survives from one request to the next: no epoll set per request.
-		 */
-		if (m->set == NULL || m->set_stale)
-		{
-			WaitEventSet *set;
-
-			if (m->set)
-				FreeWaitEventSet(m->set);
-			m->set = NULL;
-			set = create_wait_event_set(m->nsocks + 2);
-			PG_TRY();
-			{
-				AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-				AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
-				for (i = 0; i < m->nsocks; i++)
-				{
-					uint32		ev = 0;
-
-					if (m->what[i] & CURL_POLL_IN)
-						ev |= WL_SOCKET_READABLE;
-					if (m->what[i] & CURL_POLL_OUT)
-						ev |= WL_SOCKET_WRITEABLE;
-					if (ev)
-						AddWaitEventToSet(set, ev, m->socks[i], NULL, NULL);
-				}
-			}
-			PG_CATCH();
-			{
-				/* owned by no resource owner (see create_wait_event_set): free it here */
-				FreeWaitEventSet(set);
-				PG_RE_THROW();
-			}
-			PG_END_TRY();
-			m->set = set;
-			m->set_stale = false;
-		}
-		nevents = WaitEventSetWait(m->set, timeout, events, lengthof(events),
-								   wait_event_info(what));
-	}
-
-	for (i = 0; i < nevents; i++)
-	{
-		if (events[i].events & WL_POSTMASTER_DEATH)
-		{
-			if (!proc_exit_inprogress)
-				proc_exit(1);
-		}
-		else if (events[i].events & WL_LATCH_SET)
-		{
-			ResetLatch(MyLatch);
-			latch_set = true;
-		}
-		else
-		{
-			int			flags = 0;
-
-			if (events[i].events & WL_SOCKET_READABLE)
-				flags |= CURL_CSELECT_IN;
-			if (events[i].events & WL_SOCKET_WRITEABLE)
-				flags |= CURL_CSELECT_OUT;
-			curl_multi_socket_action(m->multi, events[i].fd, flags, &running);
-		}
-	}
-	/* also covers curl's timers: connect and transfer timeouts, retries */
-	curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-
-	while ((msg = curl_multi_info_read(m->multi, &left)) != NULL)
-	{
-		EtcdTransfer *t;
-
-		if (msg->msg != CURLMSG_DONE)
-			continue;
-		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
-		t->done = true;
-		t->code = msg->data.result;
-	}
-	return latch_set;
 }
 
 /* ----------------------------------------------------------------
@@ -665,12 +268,12 @@ json_message(cJSON *obj)
 		msg = cJSON_GetObjectItemCaseSensitive(obj, "error");
 	if (cJSON_IsString(msg))
 		return pstrdup(msg->valuestring);
-	return pstrdup("etcd gave no error message");
+	return pstrdup("etcd gave no error message.");
 }
 
 /* Fill *res from a finished transfer whose body is body[0..len). */
 static bool
-parse_result(EtcdTransfer *t, const char *body, size_t len, EtcdResult *res)
+parse_result(const char *body, size_t len, EtcdResult *res)
 {
 	cJSON	   *err;
 
@@ -678,7 +281,7 @@ parse_result(EtcdTransfer *t, const char *body, size_t len, EtcdResult *res)
 	if (res->json == NULL || !cJSON_IsObject(res->json))
 	{
 		res->kind = ETCD_RES_PROTOCOL;
-		res->error = psprintf("HTTP status %ld with a body that is not a JSON object",
+		res->error = psprintf("The answer has HTTP status %ld and a body that is not a JSON object.",
 							  res->http_status);
 		res->json = NULL;
 		return false;
@@ -710,66 +313,41 @@ parse_result(EtcdTransfer *t, const char *body, size_t len, EtcdResult *res)
 	return true;
 }
 
+/* Read etcd's answer from a finished transfer; false if it is a failure. */
 bool
-etcd_transfer_result(EtcdTransfer *t, EtcdResult *res)
+etcd_result_read(EtcdTransfer *t, EtcdResult *res)
 {
+	EtcdHttpResult r;
+
+	etcd_transfer_result(t, &r);
 	memset(res, 0, sizeof(EtcdResult));
-	res->curl_code = t->code;
-	res->timed_out = t->code == CURLE_OPERATION_TIMEDOUT;
-	if (t->code != CURLE_OK)
+	res->curl_code = r.curl_code;
+	res->timed_out = r.timed_out;
+	if (r.error != NULL)
 	{
-		res->kind = t->too_big ? ETCD_RES_PROTOCOL : ETCD_RES_TRANSPORT;
-		if (t->too_big)
-			res->error = psprintf("response larger than %d bytes", ETCD_MAX_BODY);
-		else
-			res->error = pstrdup(t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->code));
+		res->kind = r.too_big ? ETCD_RES_PROTOCOL : ETCD_RES_TRANSPORT;
+		res->error = pstrdup(r.error);
 		return false;
 	}
-	curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &res->http_status);
-	return parse_result(t, t->buf ? t->buf : "", t->len, res);
+	res->http_status = r.status;
+	return parse_result(r.body, r.len, res);
 }
 
-/* ----------------------------------------------------------------
- * Backend requests
- * ----------------------------------------------------------------
- */
-
-void
-etcd_tls_changed(void)
-{
-	tls_generation++;
-}
-
-int
-etcd_tls_generation(void)
-{
-	return tls_generation;
-}
-
-/* Drop a multi handle and every connection in its pool. */
-void
-etcd_multi_destroy(EtcdMulti *m)
-{
-	if (m->set)
-		FreeWaitEventSet(m->set);
-	curl_multi_cleanup(m->multi);
-	free(m);
-}
-
-void
-etcd_client_init(void)
+static void
+client_init(void)
 {
 	/* new TLS files: start over, unless a watch is running on the old pool */
-	if (backend_multi != NULL && backend_tls_generation != tls_generation &&
-		!unary->active && !watch->active)
+	if (backend_multi != NULL &&
+		backend_tls_generation != etcd_tls_generation() &&
+		!etcd_transfer_active(unary) && !etcd_transfer_active(watch))
 	{
 		etcd_multi_destroy(backend_multi);
 		backend_multi = etcd_multi_create();
-		backend_tls_generation = tls_generation;
+		backend_tls_generation = etcd_tls_generation();
 	}
 	if (backend_multi != NULL)
 		return;
-	backend_tls_generation = tls_generation;
+	backend_tls_generation = etcd_tls_generation();
 	backend_multi = etcd_multi_create();
 	unary = etcd_transfer_create();
 	watch = etcd_transfer_create();
@@ -781,7 +359,7 @@ run_unary(void)
 {
 	PG_TRY();
 	{
-		while (!unary->done)
+		while (!etcd_transfer_done(unary))
 		{
 			etcd_multi_wait(backend_multi, -1, ETCD_WAIT_REQUEST);
 			CHECK_FOR_INTERRUPTS();
@@ -810,25 +388,26 @@ request_once(int idx, const char *path, const char *body, bool with_auth,
 {
 	char	   *url;
 	bool		ok;
-	long		limit = etcd_request_time_limit();
+	long		limit = request_time_limit();
 
 	if (limit <= 0)
 	{
 		/* the caller's deadline passed: fail without sending anything */
 		memset(res, 0, sizeof(EtcdResult));
 		res->kind = ETCD_RES_TRANSPORT;
-		res->curl_code = CURLE_OPERATION_TIMEDOUT;
-		res->error = pstrdup("no time was left for the request");
+		res->timed_out = true;
+		res->error = pstrdup("No time was left for the request.");
 		res->endpoint = endpoints[idx];
 		return false;
 	}
 	url = psprintf("%s%s", endpoints[idx], path);
-	unary->with_auth = with_auth;
-	etcd_transfer_start(backend_multi, unary, url, body, limit);
+	etcd_transfer_start(backend_multi, unary, url, body,
+						with_auth ? auth_token : NULL,
+						limit, etcd_lock_request_timeout);
 	etcd_stat_add(ETCD_STAT_REQUESTS, 1);
 	run_unary();
 	pfree(url);
-	ok = etcd_transfer_result(unary, res);
+	ok = etcd_result_read(unary, res);
 	res->endpoint = endpoints[idx];
 	if (!ok)
 		etcd_stat_add(ETCD_STAT_FAILURES, 1);
@@ -848,7 +427,7 @@ authenticate(int idx, EtcdResult *res)
 
 	if (!etcd_auth_wanted())
 		return true;
-	body = etcd_auth_body();
+	body = etcd_auth_body(ERROR);
 	ok = request_once(idx, "/v3/auth/authenticate", body, false, res);
 	/* the body holds the password: wipe it before freeing */
 	memset(body, 0, strlen(body));
@@ -875,7 +454,7 @@ request_endpoint(int idx, const char *path, const char *body, EtcdResult *res)
 		if (request_once(idx, path, body, true, res))
 			return true;
 		if (!(res->kind == ETCD_RES_ERROR && res->http_status == 401 &&
-			  etcd_lock_user[0] != '\0'))
+			  auth_user[0] != '\0'))
 			return false;
 		etcd_auth_reset();
 	}
@@ -894,9 +473,7 @@ worth_failover(EtcdResult *res)
 			/* an answer from etcd itself would be the same from any member */
 			return res->http_status >= 500;
 		case ETCD_RES_TRANSPORT:
-			/* our own certificate files are the same for every member */
-			return res->curl_code != CURLE_SSL_CACERT_BADFILE &&
-				res->curl_code != CURLE_SSL_CERTPROBLEM;
+			return !etcd_http_failure_is_ours(res->curl_code);
 		default:
 			return true;
 	}
@@ -916,7 +493,7 @@ etcd_request(const char *path, cJSON *req, EtcdResult *res)
 	int			n;
 	int			i;
 
-	etcd_client_init();
+	client_init();
 	order = palloc(sizeof(int) * etcd_endpoint_count());
 	n = etcd_endpoint_order(order);
 	for (i = 0; i < n; i++)
@@ -930,7 +507,7 @@ etcd_request(const char *path, cJSON *req, EtcdResult *res)
 		if (!worth_failover(res))
 			break;
 		/* out of time is the caller's deadline, not the member's fault */
-		if (etcd_request_time_limit() <= 0)
+		if (request_time_limit() <= 0)
 			break;
 		etcd_endpoint_failed(order[i]);
 	}
@@ -945,7 +522,7 @@ etcd_request_endpoint(int idx, const char *path, cJSON *req, EtcdResult *res)
 	char	   *body = cJSON_PrintUnformatted(req);
 	bool		ok;
 
-	etcd_client_init();
+	client_init();
 	(void) etcd_endpoint_count();
 	ok = request_endpoint(idx, path, body, res);
 	pfree(body);
@@ -960,18 +537,97 @@ etcd_request_endpoint(int idx, const char *path, cJSON *req, EtcdResult *res)
 bool
 etcd_auth_wanted(void)
 {
-	return etcd_lock_user[0] != '\0' && auth_token == NULL && !auth_off;
+	return auth_user[0] != '\0' && auth_token == NULL && !auth_off;
 }
 
-/* The body of an authenticate request; the caller wipes and frees it. */
-char *
-etcd_auth_body(void)
+/* The token to send with requests that need one; NULL when there is none. */
+const char *
+etcd_auth_token(void)
 {
-	cJSON	   *req = cJSON_CreateObject();
+	return auth_token;
+}
 
-	cJSON_AddStringToObject(req, "name", etcd_lock_user);
-	cJSON_AddStringToObject(req, "password", etcd_lock_password);
-	return cJSON_PrintUnformatted(req);
+/*
+ * Read the password from etcd_lock.password_file: its contents, less one
+ * final line end.  It is read at each authentication, so a new password
+ * needs no reload, and it never passes through a setting, which PostgreSQL
+ * would log when it changes.  NULL when it cannot be read (reported at
+ * elevel).
+ */
+static char *
+read_password(int elevel)
+{
+	FILE	   *f;
+	char	   *buf;
+	size_t		len;
+
+	if (auth_password_file[0] == '\0')
+		return pstrdup("");
+	f = AllocateFile(auth_password_file, "r");
+	if (f == NULL)
+	{
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not open etcd password file \"%s\": %m",
+						auth_password_file)));
+		return NULL;
+	}
+	buf = palloc(ETCD_PASSWORD_MAX + 1);
+	len = fread(buf, 1, ETCD_PASSWORD_MAX + 1, f);
+	if (ferror(f))
+	{
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not read etcd password file \"%s\": %m",
+						auth_password_file)));
+		FreeFile(f);
+		pfree(buf);
+		return NULL;
+	}
+	FreeFile(f);
+	if (len > ETCD_PASSWORD_MAX)
+	{
+		memset(buf, 0, ETCD_PASSWORD_MAX + 1);
+		pfree(buf);
+		ereport(elevel,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("etcd password file \"%s\" is too long", auth_password_file),
+				 errdetail("A password can have at most %d bytes.", ETCD_PASSWORD_MAX)));
+		return NULL;
+	}
+	buf[len] = '\0';
+	if (len > 0 && buf[len - 1] == '\n')
+		buf[--len] = '\0';
+	if (len > 0 && buf[len - 1] == '\r')
+		buf[--len] = '\0';
+	return buf;
+}
+
+/*
+ * The body of an authenticate request, or NULL when the password cannot be
+ * read (reported at elevel).  The caller wipes and frees it.
+ */
+char *
+etcd_auth_body(int elevel)
+{
+	cJSON	   *req;
+	char	   *password = read_password(elevel);
+	char	   *body;
+	size_t		len;
+
+	if (password == NULL)
+		return NULL;
+	len = strlen(password);
+	req = cJSON_CreateObject();
+	cJSON_AddStringToObject(req, "name", auth_user);
+	cJSON_AddStringToObject(req, "password", password);
+	body = cJSON_PrintUnformatted(req);
+	/* cJSON copied it: wipe both copies of the password */
+	memset(password, 0, len);
+	memset(cJSON_GetObjectItemCaseSensitive(req, "password")->valuestring, 0, len);
+	pfree(password);
+	cJSON_Delete(req);
+	return body;
 }
 
 /* Take etcd's answer to an authenticate request; false if it failed. */
@@ -990,7 +646,7 @@ etcd_auth_accept(bool ok, EtcdResult *res)
 	if (!cJSON_IsString(token))
 	{
 		res->kind = ETCD_RES_PROTOCOL;
-		res->error = pstrdup("etcd's authenticate answer has no token");
+		res->error = pstrdup("etcd's answer to authenticate has no token.");
 		return false;
 	}
 	free(auth_token);
@@ -1025,91 +681,17 @@ grpc_sqlstate(EtcdResult *res)
 	return ERRCODE_SYSTEM_ERROR;
 }
 
-/* A transport failure, told in terms of our settings and the endpoint. */
-static void
-report_transport(int elevel, const char *path, EtcdResult *res, const char *ep)
+/*
+ * Which request failed, for errcontext: with several members, the one named
+ * is the last one tried.
+ */
+static char *
+request_context(const char *path, const char *ep)
 {
-	const char *tried = nendpoints > 1 ?
-		psprintf(" (the last of %d endpoints tried)", nendpoints) : "";
-
-	switch (res->curl_code)
-	{
-		case CURLE_SSL_CACERT_BADFILE:
-			ereport(elevel,
-					(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
-					 errmsg("could not load the CA file \"%s\" set in etcd_lock.cacert",
-							etcd_lock_cacert),
-					 errdetail_internal("%s", res->error),
-					 errcontext("etcd request %s to %s", path, ep)));
-			break;
-		case CURLE_SSL_CERTPROBLEM:
-			if (etcd_lock_cert[0] && access(etcd_lock_cert, R_OK) != 0)
-				ereport(elevel,
-						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
-						 errmsg("could not read the client certificate \"%s\" set in etcd_lock.cert: %m",
-								etcd_lock_cert),
-						 errcontext("etcd request %s to %s", path, ep)));
-			else if (etcd_lock_key[0] && access(etcd_lock_key, R_OK) != 0)
-				ereport(elevel,
-						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
-						 errmsg("could not read the client key \"%s\" set in etcd_lock.key: %m",
-								etcd_lock_key),
-						 errcontext("etcd request %s to %s", path, ep)));
-			else
-				ereport(elevel,
-						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
-						 errmsg("could not use the client certificate \"%s\" and key \"%s\"",
-								etcd_lock_cert, etcd_lock_key),
-						 errdetail_internal("%s", res->error),
-						 errcontext("etcd request %s to %s", path, ep)));
-			break;
-		case CURLE_PEER_FAILED_VERIFICATION:
-			ereport(elevel,
-					(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
-					 errmsg("could not verify the TLS certificate of etcd at %s%s", ep, tried),
-					 errdetail_internal("%s", res->error),
-					 errhint("The server certificate must be signed by the CA in etcd_lock.cacert (%s) and name the endpoint's host.",
-							 etcd_lock_cacert[0] ? etcd_lock_cacert : "the system CAs when empty"),
-					 errcontext("etcd request %s to %s", path, ep)));
-			break;
-		case CURLE_SSL_CONNECT_ERROR:
-		case CURLE_SEND_ERROR:
-		case CURLE_RECV_ERROR:
-		case CURLE_HTTP2:		/* TLS endpoints speak HTTP/2 */
-		case CURLE_HTTP2_STREAM:
-			ereport(elevel,
-					(errcode(ERRCODE_CONNECTION_FAILURE),
-					 errmsg("connection to etcd at %s failed%s", ep, tried),
-					 errdetail_internal("%s", res->error),
-					 strncmp(ep, "https://", 8) == 0 ?
-					 errhint("etcd may have refused the client certificate (etcd_lock.cert = \"%s\").",
-							 etcd_lock_cert) : 0,
-					 errcontext("etcd request %s to %s", path, ep)));
-			break;
-		case CURLE_GOT_NOTHING:
-			ereport(elevel,
-					(errcode(ERRCODE_CONNECTION_FAILURE),
-					 errmsg("etcd at %s closed the connection without answering%s", ep, tried),
-					 errdetail_internal("%s", res->error),
-					 errhint("An http:// endpoint that points at a TLS port does this."),
-					 errcontext("etcd request %s to %s", path, ep)));
-			break;
-		case CURLE_OPERATION_TIMEDOUT:
-			ereport(elevel,
-					(errcode(ERRCODE_CONNECTION_FAILURE),
-					 errmsg("etcd at %s did not answer within etcd_lock.request_timeout (%d ms)%s",
-							ep, etcd_lock_request_timeout, tried),
-					 errdetail_internal("%s", res->error),
-					 errcontext("etcd request %s to %s", path, ep)));
-			break;
-		default:
-			ereport(elevel,
-					(errcode(ERRCODE_CONNECTION_FAILURE),
-					 errmsg("could not reach etcd at %s%s", ep, tried),
-					 errdetail_internal("%s", res->error),
-					 errcontext("etcd request %s to %s", path, ep)));
-			break;
-	}
+	if (nendpoints > 1)
+		return psprintf("etcd request %s to %s, the last of %d endpoints tried",
+						path, ep, nendpoints);
+	return psprintf("etcd request %s to %s", path, ep);
 }
 
 /* Report a failed request at elevel, etcd's own text in DETAIL. */
@@ -1118,8 +700,16 @@ etcd_report(int elevel, const char *path, EtcdResult *res)
 {
 	const char *ep = res->endpoint ? res->endpoint : "(none)";
 
-	if (res->kind == ETCD_RES_TRANSPORT)
-		report_transport(elevel, path, res, ep);
+	if (res->kind == ETCD_RES_TRANSPORT && res->timed_out)
+		ereport(elevel,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("etcd at %s did not answer within etcd_lock.request_timeout (%d ms)",
+						ep, etcd_lock_request_timeout),
+				 errdetail_internal("%s", res->error),
+				 errcontext("%s", request_context(path, ep))));
+	else if (res->kind == ETCD_RES_TRANSPORT)
+		etcd_http_report(elevel, res->curl_code, res->error, ep,
+						 request_context(path, ep));
 	else if (res->kind == ETCD_RES_PROTOCOL)
 		ereport(elevel,
 				(errcode(ERRCODE_PROTOCOL_VIOLATION),
@@ -1130,17 +720,17 @@ etcd_report(int elevel, const char *path, EtcdResult *res)
 		ereport(elevel,
 				(errcode(res->http_status >= 500 ? ERRCODE_CONNECTION_FAILURE :
 						 ERRCODE_INVALID_PASSWORD),
-				 errmsg("etcd authentication failed for user \"%s\"", etcd_lock_user),
+				 errmsg("etcd authentication failed for user \"%s\"", auth_user),
 				 errdetail_internal("%s", res->error),
-				 errhint("Check etcd_lock.user and etcd_lock.password."),
+				 errhint("Check etcd_lock.user and the password in etcd_lock.password_file."),
 				 errcontext("etcd request %s to %s", "/v3/auth/authenticate", ep)));
-	else if (etcd_lock_user[0] == '\0' && res->error &&
+	else if (auth_user[0] == '\0' && res->error &&
 			 strstr(res->error, "user name is empty") != NULL)
 		ereport(elevel,
 				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
 				 errmsg("etcd at %s requires authentication", ep),
 				 errdetail_internal("%s", res->error),
-				 errhint("Set etcd_lock.user and etcd_lock.password."),
+				 errhint("Set etcd_lock.user and etcd_lock.password_file."),
 				 errcontext("etcd request %s", path)));
 	else
 		ereport(elevel,
@@ -1181,7 +771,7 @@ etcd_watch_start(const char *key)
 	char	   *body;
 	char	   *url;
 
-	etcd_client_init();
+	client_init();
 	etcd_json_add_key(create, "key", key);
 	/* only deletions can let us in */
 	cJSON_AddItemToArray(filters, cJSON_CreateString("NOPUT"));
@@ -1196,7 +786,8 @@ etcd_watch_start(const char *key)
 	url = psprintf("%s/v3/watch", endpoints[watch_endpoint]);
 
 	/* no total timeout: the stream lasts as long as the wait */
-	etcd_transfer_start(backend_multi, watch, url, body, 0L);
+	etcd_transfer_start(backend_multi, watch, url, body, auth_token,
+						0L, etcd_lock_request_timeout);
 	etcd_stat_add(ETCD_STAT_REQUESTS, 1);
 	watch_started = GetCurrentTimestamp();
 	watch_created = false;
@@ -1222,18 +813,16 @@ etcd_watch_stop(void)
 static EtcdWatchEvent
 watch_scan(void)
 {
-	while (watch->consumed < watch->len)
+	char	   *line;
+	size_t		len;
+
+	while ((line = etcd_transfer_next_line(watch, &len)) != NULL)
 	{
-		char	   *start = watch->buf + watch->consumed;
-		char	   *nl = memchr(start, '\n', watch->len - watch->consumed);
 		cJSON	   *msg;
 		cJSON	   *result;
 		cJSON	   *ev;
 
-		if (nl == NULL)
-			break;
-		watch->consumed = (nl - watch->buf) + 1;
-		msg = cJSON_ParseWithLength(start, nl - start);
+		msg = cJSON_ParseWithLength(line, len);
 		if (msg == NULL)
 			return ETCD_WATCH_ENDED;
 		result = cJSON_GetObjectItemCaseSensitive(msg, "result");
@@ -1258,8 +847,6 @@ watch_scan(void)
 				return ETCD_WATCH_DELETED;
 		}
 	}
-	if (watch->consumed == watch->len)
-		watch->consumed = watch->len = 0;
 	return ETCD_WATCH_NONE;
 }
 
@@ -1300,9 +887,12 @@ etcd_watch_wait(TimestampTz deadline)
 
 		if (r != ETCD_WATCH_NONE)
 			return r;
-		if (watch->done)
+		if (etcd_transfer_done(watch))
 		{
-			if (watch->code != CURLE_OK)
+			EtcdHttpResult hr;
+
+			etcd_transfer_result(watch, &hr);
+			if (hr.error != NULL)
 				return watch_failed();
 			return ETCD_WATCH_ENDED;
 		}
@@ -1334,8 +924,8 @@ etcd_watch_wait(TimestampTz deadline)
  * ----------------------------------------------------------------
  */
 
-char *
-etcd_b64(const char *data, int len)
+static char *
+b64_encode(const char *data, int len)
 {
 	int			enclen = pg_b64_enc_len(len);
 	char	   *out = palloc(enclen + 1);
@@ -1456,5 +1046,125 @@ etcd_json_add_int64(cJSON *obj, const char *field, int64 value)
 void
 etcd_json_add_key(cJSON *obj, const char *field, const char *key)
 {
-	cJSON_AddStringToObject(obj, field, etcd_b64(key, strlen(key)));
+	cJSON_AddStringToObject(obj, field, b64_encode(key, strlen(key)));
+}
+
+/* ----------------------------------------------------------------
+ * Settings
+ * ----------------------------------------------------------------
+ */
+
+static bool
+check_endpoints(char **newval, void **extra, GucSource source)
+{
+	char	   *copy = pstrdup(*newval);
+	char	   *tok;
+	char	   *save;
+	int			n = 0;
+
+	for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save))
+	{
+		const char *path;
+
+		if (strncmp(tok, "http://", 7) != 0 && strncmp(tok, "https://", 8) != 0)
+		{
+			GUC_check_errdetail("Endpoint \"%s\" is not an http:// or https:// URL.", tok);
+			pfree(copy);
+			return false;
+		}
+
+		/*
+		 * Paths are appended as "/v3/...".  With a path of its own, etcd 3.5
+		 * answers 404 "Not Found" as JSON with code 5, which reads like its
+		 * own "lease not found".
+		 */
+		path = strchr(strstr(tok, "://") + 3, '/');
+		if (path != NULL && strspn(path, "/") != strlen(path))
+		{
+			GUC_check_errdetail("Endpoint \"%s\" has a path; give the scheme, host and port only.", tok);
+			pfree(copy);
+			return false;
+		}
+		n++;
+	}
+	pfree(copy);
+	if (n == 0)
+	{
+		GUC_check_errdetail("At least one endpoint is required.");
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Assign hooks run on every reload, changed or not, and must not fail: the
+ * endpoints are parsed again at the next request.  The variable still holds
+ * the old value here.
+ */
+static void
+assign_endpoints(const char *newval, void *extra)
+{
+	endpoints_stale = true;
+	if (endpoints_setting == NULL || strcmp(endpoints_setting, newval) != 0)
+	{
+		/* a token belongs to one cluster; another etcd may hang on it */
+		etcd_auth_reset();
+
+		/*
+		 * Pooled connections belong to the old endpoints: libcurl 8 reuses
+		 * an https connection for an http:// URL to the same host and port.
+		 */
+		etcd_tls_changed();
+	}
+}
+
+/* new credentials: authenticate again at the next request */
+static void
+assign_user(const char *newval, void *extra)
+{
+	if (auth_user == NULL || strcmp(auth_user, newval) != 0)
+		etcd_auth_reset();
+}
+
+static void
+assign_password_file(const char *newval, void *extra)
+{
+	if (auth_password_file == NULL || strcmp(auth_password_file, newval) != 0)
+		etcd_auth_reset();
+}
+
+void
+etcd_client_define_settings(void)
+{
+	DefineCustomStringVariable("etcd_lock.endpoints",
+							   "Comma-separated list of etcd client URLs.",
+							   "When one does not answer, the next one is tried.",
+							   &endpoints_setting,
+							   "http://127.0.0.1:2379",
+							   PGC_SIGHUP, 0,
+							   check_endpoints, assign_endpoints, NULL);
+
+	DefineCustomIntVariable("etcd_lock.request_timeout",
+							"Time limit for one request to one etcd endpoint.",
+							NULL,
+							&etcd_lock_request_timeout,
+							2000, 10, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("etcd_lock.user",
+							   "etcd user to authenticate as; empty sends no credentials.",
+							   NULL,
+							   &auth_user,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, assign_user, NULL);
+
+	DefineCustomStringVariable("etcd_lock.password_file",
+							   "File holding the password of etcd_lock.user.",
+							   "Read at each authentication; one final line end is ignored.",
+							   &auth_password_file,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, assign_password_file, NULL);
 }

@@ -2,7 +2,14 @@
  *
  * etcd_lock.c
  *		  Distributed locks held in etcd, taken from SQL: the module's
- *		  settings, its start-up, and its SQL functions.
+ *		  start-up and its SQL functions and views.
+ *
+ * This is the front door: every SQL function's C entry point is here, and
+ * reads like the reference page of the SQL API.  The work is done below:
+ * locks.c holds this backend's locks, recipe.c speaks etcd's lock recipe,
+ * client.c talks to etcd over http.c, shmem.c keeps the shared tables and
+ * worker.c renews the leases.  Each file defines the settings it reads;
+ * _PG_init asks each to do so.
  *
  * IDENTIFICATION
  *		  etcd_lock.c
@@ -22,27 +29,21 @@
 #include "utils/guc.h"
 #include "utils/timestamp.h"
 
-#include "etcd_lock.h"
+#include "client.h"
+#include "http.h"
+#include "locks.h"
+#include "shmem.h"
+#include "worker.h"
 
 PG_MODULE_MAGIC;
 
 void		_PG_init(void);
 
-/* GUC variables */
-char	   *etcd_lock_endpoints = NULL;
-int			etcd_lock_request_timeout = 2000;
-int			etcd_lock_max_locks = 1024;
-char	   *etcd_lock_prefix = NULL;
-int			etcd_lock_default_ttl = 30;
-bool		etcd_lock_commit_check = true;
-char	   *etcd_lock_cacert = NULL;
-char	   *etcd_lock_cert = NULL;
-char	   *etcd_lock_key = NULL;
-char	   *etcd_lock_user = NULL;
-char	   *etcd_lock_password = NULL;
+/* etcd_lock.default_ttl, read by the lock functions' ttl argument */
+static int	default_ttl = 30;
 
 /* whether we were loaded through shared_preload_libraries */
-bool		etcd_lock_loaded = false;
+static bool loaded = false;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -59,134 +60,6 @@ json_free(void *ptr)
 {
 	if (ptr)
 		pfree(ptr);
-}
-
-static bool
-check_endpoints(char **newval, void **extra, GucSource source)
-{
-	char	   *copy = pstrdup(*newval);
-	char	   *tok;
-	char	   *save;
-	int			n = 0;
-
-	for (tok = strtok_r(copy, ", \t", &save); tok; tok = strtok_r(NULL, ", \t", &save))
-	{
-		const char *path;
-
-		if (strncmp(tok, "http://", 7) != 0 && strncmp(tok, "https://", 8) != 0)
-		{
-			GUC_check_errdetail("Endpoint \"%s\" is not an http:// or https:// URL.", tok);
-			pfree(copy);
-			return false;
-		}
-
-		/*
-		 * Paths are appended as "/v3/...".  With a path of its own, etcd 3.5
-		 * answers 404 "Not Found" as JSON with code 5, which reads like its
-		 * own "lease not found".
-		 */
-		path = strchr(strstr(tok, "://") + 3, '/');
-		if (path != NULL && strspn(path, "/") != strlen(path))
-		{
-			GUC_check_errdetail("Endpoint \"%s\" has a path; give the scheme, host and port only.", tok);
-			pfree(copy);
-			return false;
-		}
-		n++;
-	}
-	pfree(copy);
-	if (n == 0)
-	{
-		GUC_check_errdetail("At least one endpoint is required.");
-		return false;
-	}
-	return true;
-}
-
-static void
-assign_endpoints(const char *newval, void *extra)
-{
-	etcd_endpoints_changed();
-	if (etcd_lock_endpoints == NULL || strcmp(etcd_lock_endpoints, newval) != 0)
-	{
-		/* a token belongs to one cluster; another etcd may hang on it */
-		etcd_auth_reset();
-
-		/*
-		 * Pooled connections belong to the old endpoints: libcurl 8 reuses
-		 * an https connection for an http:// URL to the same host and port.
-		 */
-		etcd_tls_changed();
-	}
-}
-
-/*
- * etcd's recipe appends "/" to a lock name, so a prefix ending in "/" keeps
- * every name inside its own subtree: no name can reach a key outside it.
- */
-static bool
-check_prefix(char **newval, void **extra, GucSource source)
-{
-	size_t		len = strlen(*newval);
-
-	if (len >= ETCD_LOCK_PREFIX_MAX)
-	{
-		GUC_check_errdetail("The prefix must be shorter than %d bytes.", ETCD_LOCK_PREFIX_MAX);
-		return false;
-	}
-	if (len > 0 && (*newval)[len - 1] != '/')
-	{
-		GUC_check_errdetail("A non-empty prefix must end with \"/\".");
-		return false;
-	}
-	return true;
-}
-
-/*
- * Assign hooks run on every reload, changed or not; the variable still holds
- * the old value while they run.
- */
-static bool
-string_changed(const char *oldval, const char *newval)
-{
-	return oldval == NULL || strcmp(oldval, newval) != 0;
-}
-
-/* new TLS files: pooled connections were made with the old ones */
-static void
-assign_cacert(const char *newval, void *extra)
-{
-	if (string_changed(etcd_lock_cacert, newval))
-		etcd_tls_changed();
-}
-
-static void
-assign_cert(const char *newval, void *extra)
-{
-	if (string_changed(etcd_lock_cert, newval))
-		etcd_tls_changed();
-}
-
-static void
-assign_key(const char *newval, void *extra)
-{
-	if (string_changed(etcd_lock_key, newval))
-		etcd_tls_changed();
-}
-
-/* new credentials: authenticate again at the next request */
-static void
-assign_user(const char *newval, void *extra)
-{
-	if (string_changed(etcd_lock_user, newval))
-		etcd_auth_reset();
-}
-
-static void
-assign_password(const char *newval, void *extra)
-{
-	if (string_changed(etcd_lock_password, newval))
-		etcd_auth_reset();
 }
 
 static void
@@ -224,101 +97,25 @@ _PG_init(void)
 	/* cJSON allocates in the current memory context, so errors leak nothing */
 	cJSON_InitHooks(&hooks);
 
-	DefineCustomStringVariable("etcd_lock.endpoints",
-							   "Comma-separated list of etcd client URLs.",
-							   "When one does not answer, the next one is tried.",
-							   &etcd_lock_endpoints,
-							   "http://127.0.0.1:2379",
-							   PGC_SIGHUP, 0,
-							   check_endpoints, assign_endpoints, NULL);
-
-	DefineCustomIntVariable("etcd_lock.request_timeout",
-							"Time limit for one request to one etcd endpoint.",
-							NULL,
-							&etcd_lock_request_timeout,
-							2000, 10, INT_MAX,
-							PGC_SIGHUP, GUC_UNIT_MS,
-							NULL, NULL, NULL);
-
-	/* a PGC_POSTMASTER setting can only be defined while preloading */
-	if (process_shared_preload_libraries_in_progress)
-		DefineCustomIntVariable("etcd_lock.max_locks",
-								"Maximum number of etcd locks, and of leases, on this server.",
-								NULL,
-								&etcd_lock_max_locks,
-								1024, 16, 1000000,
-								PGC_POSTMASTER, 0,
-								NULL, NULL, NULL);
-
-	DefineCustomStringVariable("etcd_lock.prefix",
-							   "Namespace prepended to every lock name in etcd.",
-							   "Empty, or ending in \"/\". Empty maps names 1:1 onto etcd's.",
-							   &etcd_lock_prefix,
-							   "etcd_lock/",
-							   PGC_SUSET, 0,
-							   check_prefix, NULL, NULL);
+	/* each file defines the settings it reads */
+	etcd_http_define_settings();
+	etcd_client_define_settings();
+	etcd_shmem_define_settings();
+	etcd_locks_define_settings();
 
 	DefineCustomIntVariable("etcd_lock.default_ttl",
 							"Lease TTL of locks taken without a ttl argument.",
 							"etcd keeps a lock this long after this server stops renewing it.",
-							&etcd_lock_default_ttl,
+							&default_ttl,
 							30, 1, ETCD_LOCK_MAX_TTL,
 							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
-
-	DefineCustomStringVariable("etcd_lock.cacert",
-							   "CA file that https:// endpoints' certificates are verified against.",
-							   "Empty means the system's CAs. Verification cannot be turned off.",
-							   &etcd_lock_cacert,
-							   "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_cacert, NULL);
-
-	DefineCustomStringVariable("etcd_lock.cert",
-							   "Client certificate file presented to etcd (mTLS).",
-							   NULL,
-							   &etcd_lock_cert,
-							   "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_cert, NULL);
-
-	DefineCustomStringVariable("etcd_lock.key",
-							   "Private key file of etcd_lock.cert.",
-							   NULL,
-							   &etcd_lock_key,
-							   "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_key, NULL);
-
-	DefineCustomStringVariable("etcd_lock.user",
-							   "etcd user to authenticate as; empty sends no credentials.",
-							   NULL,
-							   &etcd_lock_user,
-							   "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_user, NULL);
-
-	DefineCustomStringVariable("etcd_lock.password",
-							   "Password of etcd_lock.user.",
-							   NULL,
-							   &etcd_lock_password,
-							   "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   NULL, assign_password, NULL);
-
-	DefineCustomBoolVariable("etcd_lock.commit_check",
-							 "Confirms with etcd before COMMIT that every transaction lock is still held.",
-							 "Costs one request per transaction; without it a lock lost unnoticed lets the transaction commit.",
-							 &etcd_lock_commit_check,
-							 true,
-							 PGC_USERSET, 0,
-							 NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("etcd_lock");
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;
-	etcd_lock_loaded = true;
+	loaded = true;
 
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = etcd_lock_shmem_request;
@@ -338,7 +135,7 @@ _PG_init(void)
 static void
 require_preload(void)
 {
-	if (!etcd_lock_loaded || !etcd_shmem_ready())
+	if (!loaded || !etcd_shmem_ready())
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("etcd_lock must be loaded via shared_preload_libraries"),
@@ -373,7 +170,7 @@ ttl_arg(FunctionCallInfo fcinfo, int argno)
 	int			ttl;
 
 	if (PG_ARGISNULL(argno))
-		return etcd_lock_default_ttl;
+		return default_ttl;
 	ttl = PG_GETARG_INT32(argno);
 	if (ttl < 1 || ttl > ETCD_LOCK_MAX_TTL)
 		ereport(ERROR,

@@ -34,16 +34,32 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/proc.h"
 #include "utils/elog.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timeout.h"
 #include "utils/timestamp.h"
 
-#include "etcd_lock.h"
+#include "client.h"
+#include "locks.h"
+#include "recipe.h"
+#include "shmem.h"
+
+/*
+ * SQLSTATE for "a lock this session held or waited for is gone in etcd".
+ * Class 40 (transaction rollback), so that drivers and frameworks treat it
+ * as a retryable concurrency failure.
+ */
+#define ERRCODE_ETCD_LOCK_LOST	MAKE_SQLSTATE('4','0','L','0','1')
+
+/* settings (GUCs) */
+static char *lock_prefix = NULL;
+static bool commit_check_on = true;
 
 /*
  * One lease per TTL in use.  A lease outlives its last lock, so that the next
@@ -126,8 +142,10 @@ static EtcdRecipeStatus enqueue_and_wait(const char *etcd_name, const char *name
 										 int lease_i, const char *handle,
 										 long wait_ms, int64 *myrev);
 static LocalLock *lock_by_handle(const char *handle);
+static char *handle_for_message(const char *handle);
 static void commit_check(void);
 static void release_xact_locks(void);
+static void check_lost(void);
 
 /*
  * How long the worker leaves a lease alone that a backend is revoking
@@ -498,7 +516,8 @@ cleanup_releases(void)
 		FlushErrorState();
 		ereport(WARNING,
 				(errcode(edata->sqlerrcode),
-				 errmsg("could not release etcd locks: %s", edata->message)));
+				 errmsg("could not release etcd locks"),
+				 errdetail_internal("%s", edata->message)));
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();
@@ -609,8 +628,8 @@ note_lost_leases(void)
  * a lost transaction lock dooms its transaction.  Also retries deferred
  * releases.
  */
-void
-etcd_lock_check_lost(void)
+static void
+check_lost(void)
 {
 	if (local_locks == NULL)
 		return;
@@ -633,7 +652,7 @@ etcd_lock_check_doomed(void)
 		if (leases[i].id != 0 && !leases[i].lost &&
 			etcd_lease_slot_check(leases[i].slot, leases[i].id) != ETCD_LEASE_RENEWING)
 		{
-			etcd_lock_check_lost();
+			check_lost();
 			return;
 		}
 	}
@@ -838,7 +857,7 @@ enqueue_and_wait(const char *etcd_name, const char *name, int lease_i,
 char *
 etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
 {
-	char	   *etcd_name = psprintf("%s%s", etcd_lock_prefix, name);
+	char	   *etcd_name = psprintf("%s%s", lock_prefix, name);
 	LocalLock  *lock;
 	bool		found;
 	int			lease_i = -1;
@@ -851,7 +870,7 @@ etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
 	int			i;
 
 	local_init();
-	etcd_lock_check_lost();
+	check_lost();
 
 	/* reentrant, and stacking session and transaction holds: one key */
 	lock = hash_search(local_locks, etcd_name, HASH_FIND, NULL);
@@ -919,7 +938,7 @@ etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
 			 */
 			etcd_lease_slot_mark_gone(leases[lease_i].slot, lease_id);
 			lease_users(lease_i, -1);
-			etcd_lock_check_lost();
+			check_lost();
 			if (attempt == 3)
 				ereport(ERROR,
 						(errcode(ERRCODE_ETCD_LOCK_LOST),
@@ -954,6 +973,21 @@ etcd_lock_acquire(const char *name, int ttl, bool xact, long wait_ms)
 						  lock->xact_count, myrev);
 	etcd_stat_add(ETCD_STAT_ACQUIRED, 1);
 	return handle;
+}
+
+/*
+ * A handle from the user, for a message: cut to the longest a real handle
+ * can be, so that a huge argument is not echoed back whole.
+ */
+static char *
+handle_for_message(const char *handle)
+{
+	int			len = strlen(handle);
+
+	if (len < ETCD_LOCK_KEY_MAX)
+		return pstrdup(handle);
+	len = pg_mbcliplen(handle, len, ETCD_LOCK_KEY_MAX - 1);
+	return psprintf("%.*s...", len, handle);
 }
 
 /* ----------------------------------------------------------------
@@ -1022,14 +1056,14 @@ etcd_lock_release(const char *handle)
 	char		name[ETCD_LOCK_NAME_MAX];
 	char		key[ETCD_LOCK_KEY_MAX];
 
-	etcd_lock_check_lost();
+	check_lost();
 	lock = lock_by_handle(handle);
 	if (lock == NULL || lock->session_count == 0)
 	{
 		ereport(WARNING,
 				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
 				 errmsg("you don't own a session-level etcd lock with this handle"),
-				 errdetail("Handle: %s", handle)));
+				 errdetail("The handle given was \"%s\".", handle_for_message(handle))));
 		return false;
 	}
 	if (lock->session_count + lock->xact_count > 1 && !lock->lost)
@@ -1072,7 +1106,7 @@ etcd_lock_release_all(void)
 	int			released = 0;
 	int			i;
 
-	etcd_lock_check_lost();
+	check_lost();
 	if (local_locks == NULL)
 		return 0;
 
@@ -1146,12 +1180,13 @@ etcd_lock_token(const char *handle)
 {
 	LocalLock  *lock;
 
-	etcd_lock_check_lost();
+	check_lost();
 	lock = lock_by_handle(handle);
 	if (lock == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("this session holds no etcd lock with handle \"%s\"", handle)));
+				 errmsg("this session holds no etcd lock with handle \"%s\"",
+						handle_for_message(handle))));
 	if (lock->lost)
 		ereport(ERROR,
 				(errcode(ERRCODE_ETCD_LOCK_LOST),
@@ -1181,8 +1216,8 @@ commit_check(void)
 	int			done;
 
 	/* a loss the worker already saw needs no request */
-	etcd_lock_check_lost();
-	if (!etcd_lock_commit_check)
+	check_lost();
+	if (!commit_check_on)
 		return;
 
 	hash_seq_init(&seq, local_locks);
@@ -1423,4 +1458,51 @@ etcd_lock_exit(int code, Datum arg)
 		etcd_set_deadline(0);
 	}
 	RESUME_INTERRUPTS();
+}
+
+/* ----------------------------------------------------------------
+ * Settings
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * etcd's recipe appends "/" to a lock name, so a prefix ending in "/" keeps
+ * every name inside its own subtree: no name can reach a key outside it.
+ */
+static bool
+check_prefix(char **newval, void **extra, GucSource source)
+{
+	size_t		len = strlen(*newval);
+
+	if (len >= ETCD_LOCK_PREFIX_MAX)
+	{
+		GUC_check_errdetail("The prefix must be shorter than %d bytes.", ETCD_LOCK_PREFIX_MAX);
+		return false;
+	}
+	if (len > 0 && (*newval)[len - 1] != '/')
+	{
+		GUC_check_errdetail("A non-empty prefix must end with \"/\".");
+		return false;
+	}
+	return true;
+}
+
+void
+etcd_locks_define_settings(void)
+{
+	DefineCustomStringVariable("etcd_lock.prefix",
+							   "Namespace prepended to every lock name in etcd.",
+							   "Empty, or ending in \"/\". Empty maps names 1:1 onto etcd's.",
+							   &lock_prefix,
+							   "etcd_lock/",
+							   PGC_SUSET, 0,
+							   check_prefix, NULL, NULL);
+
+	DefineCustomBoolVariable("etcd_lock.commit_check",
+							 "Confirms with etcd before COMMIT that every transaction lock is still held.",
+							 "Costs one request per transaction; without it a lock lost unnoticed lets the transaction commit.",
+							 &commit_check_on,
+							 true,
+							 PGC_USERSET, 0,
+							 NULL, NULL, NULL);
 }

@@ -19,7 +19,9 @@
 
 #include "utils/timestamp.h"
 
-#include "etcd_lock.h"
+#include "client.h"
+#include "recipe.h"
+#include "shmem.h"
 
 /* ----------------------------------------------------------------
  * Requests of the recipe

@@ -66,12 +66,18 @@
 #include "postgres.h"
 
 #include "miscadmin.h"
+#include "port/atomics.h"
 #include "storage/ipc.h"
+#include "storage/latch.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
+#include "utils/guc.h"
 #include "utils/timestamp.h"
 
-#include "etcd_lock.h"
+#include "shmem.h"
+
+/* etcd_lock.max_locks, fixed at server start */
+int			etcd_lock_max_locks = 1024;
 
 /* A lease with no key on it is given back after this long. */
 #define IDLE_LEASE_MS		10000
@@ -135,6 +141,20 @@ shmem_size(void)
 	size = add_size(size, mul_size(etcd_lock_max_locks, sizeof(LeaseSlot)));
 	size = add_size(size, mul_size(etcd_lock_max_locks, sizeof(LockSlot)));
 	return size;
+}
+
+void
+etcd_shmem_define_settings(void)
+{
+	/* a PGC_POSTMASTER setting can only be defined while preloading */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomIntVariable("etcd_lock.max_locks",
+								"Maximum number of etcd locks, and of leases, on this server.",
+								NULL,
+								&etcd_lock_max_locks,
+								1024, 16, 1000000,
+								PGC_POSTMASTER, 0,
+								NULL, NULL, NULL);
 }
 
 void
@@ -208,8 +228,10 @@ etcd_shmem_startup(void)
 			s->revoke_until = TimestampTzPlusMilliseconds(now, (int64) carried[i].ttl * 1000 + 1000);
 		}
 		if (ncarried > 0)
-			elog(LOG, "etcd_lock: revoking %d etcd leases of sessions that ended in the crash",
-				 ncarried);
+			ereport(LOG,
+					(errmsg_plural("revoking %d etcd lease of a session that ended in the crash",
+								   "revoking %d etcd leases of sessions that ended in the crash",
+								   ncarried, ncarried)));
 		ncarried = 0;
 	}
 	LWLockRelease(AddinShmemInitLock);
@@ -225,14 +247,14 @@ etcd_shmem_ready(void)
 }
 
 void
-etcd_stat_add_(EtcdStat which, uint64 n)
+etcd_stat_add(EtcdStat which, uint64 n)
 {
 	if (shared != NULL)
 		pg_atomic_fetch_add_u64(&shared->stats[which], n);
 }
 
-void
-etcd_wake_worker(void)
+static void
+wake_worker(void)
 {
 	Latch	   *latch;
 
@@ -396,7 +418,7 @@ etcd_lease_slot_fill(int slot, int64 lease_id, int ttl, TimestampTz sent_at)
 	s->expires_at = TimestampTzPlusMilliseconds(sent_at, (int64) ttl * 1000);
 	s->next_due = TimestampTzPlusMilliseconds(sent_at, (int64) ttl * 1000 / 3);
 	LWLockRelease(shared->lock);
-	etcd_wake_worker();
+	wake_worker();
 }
 
 /*
@@ -459,7 +481,7 @@ etcd_lease_slot_check(int slot, int64 lease_id)
 	if (nlost > 0 || state == ETCD_LEASE_LOST)
 	{
 		etcd_stat_add(ETCD_STAT_LOST, nlost);
-		etcd_wake_worker();		/* to revoke it as soon as etcd answers */
+		wake_worker();		/* to revoke it as soon as etcd answers */
 	}
 	return state;
 }
@@ -513,7 +535,7 @@ etcd_lease_slot_give_up(int slot, int64 lease_id, long grace_ms)
 	}
 	LWLockRelease(shared->lock);
 	if (wake)
-		etcd_wake_worker();
+		wake_worker();
 }
 
 /* REVOKING -> FREE, or LOST -> gone: etcd confirmed the revoke. */
@@ -609,7 +631,7 @@ etcd_shmem_forget_backend(void)
 	}
 	LWLockRelease(shared->lock);
 	if (wake)
-		etcd_wake_worker();
+		wake_worker();
 }
 
 /* ----------------------------------------------------------------

@@ -40,7 +40,10 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-#include "etcd_lock.h"
+#include "client.h"
+#include "http.h"
+#include "shmem.h"
+#include "worker.h"
 
 /* requests in flight at once; per lease; and revokes, so keepalives get room */
 #define MAX_IN_FLIGHT	64
@@ -89,6 +92,7 @@ static TimestampTz *slot_next_attempt;
 static int	nrevokes = 0;
 
 static bool auth_in_flight = false;
+static bool password_reported = false;	/* a password file problem is logged once */
 static TimestampTz auth_retry_at = 0;
 
 static EtcdLeaseView *views;
@@ -114,13 +118,20 @@ etcd_worker_register(void)
 	RegisterBackgroundWorker(&worker);
 }
 
+/* A lease is lost: etcd said it is gone, or it expired unrenewed. */
 static void
-report_lost(int64 lease_id, int nlost, const char *why)
+report_lost(int64 lease_id, int nlost, bool gone)
 {
-	ereport(LOG,
-			(errmsg_plural("etcd_lock: lease %llx %s, so %d lock on it is lost",
-						   "etcd_lock: lease %llx %s, so %d locks on it are lost",
-						   nlost, (unsigned long long) lease_id, why, nlost)));
+	if (gone)
+		ereport(LOG,
+				(errmsg_plural("etcd lease %llx is gone from etcd, so %d lock on it is lost",
+							   "etcd lease %llx is gone from etcd, so %d locks on it are lost",
+							   nlost, (unsigned long long) lease_id, nlost)));
+	else
+		ereport(LOG,
+				(errmsg_plural("etcd lease %llx could not be renewed before it expired, so %d lock on it is lost",
+							   "etcd lease %llx could not be renewed before it expired, so %d locks on it are lost",
+							   nlost, (unsigned long long) lease_id, nlost)));
 }
 
 /* Whether attempt a is a request in flight for this lease. */
@@ -205,14 +216,25 @@ start_attempt(Attempt *a, AttemptKind kind, int slot, int64 lease_id,
 	char	   *url;
 
 	if (kind == ATTEMPT_AUTH)
-		body = etcd_auth_body();
+	{
+		body = etcd_auth_body(password_reported ? DEBUG1 : LOG);
+		password_reported = body == NULL;
+		if (body == NULL)
+		{
+			/* the password file could not be read: try again later */
+			auth_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+														REVOKE_RETRY_MS);
+			return;
+		}
+	}
 	else
 		body = psprintf("{\"ID\":\"" INT64_FORMAT "\"}", lease_id);
 	url = psprintf("%s%s", etcd_endpoint(endpoint), paths[kind]);
 
 	/* keepalives need no token; revokes do; authenticating sends none */
-	etcd_transfer_set_auth(a->transfer, kind == ATTEMPT_REVOKE);
-	etcd_transfer_start(multi, a->transfer, url, body, timeout_ms);
+	etcd_transfer_start(multi, a->transfer, url, body,
+						kind == ATTEMPT_REVOKE ? etcd_auth_token() : NULL,
+						timeout_ms, etcd_lock_request_timeout);
 	if (kind == ATTEMPT_AUTH)
 		memset(body, 0, strlen(body));	/* it holds the password */
 	a->in_use = true;
@@ -252,7 +274,7 @@ finish_attempt(Attempt *a)
 	bool		ok;
 	TimestampTz now = GetCurrentTimestamp();
 
-	ok = etcd_transfer_result(a->transfer, &res);
+	ok = etcd_result_read(a->transfer, &res);
 	etcd_transfer_stop(multi, a->transfer);
 	a->in_use = false;
 	if (a->kind == ATTEMPT_AUTH)
@@ -292,7 +314,7 @@ finish_attempt(Attempt *a)
 					ok = false;
 					etcd_stat_add(ETCD_STAT_FAILURES, 1);
 					etcd_endpoint_failed(a->endpoint);
-					res.error = pstrdup("keepalive answer without a valid result");
+					res.error = pstrdup("The keepalive answer has no valid result.");
 				}
 				if (ok && ttl > 0)
 					etcd_lease_renewed(a->slot, a->lease_id, a->sent_at,
@@ -302,14 +324,14 @@ finish_attempt(Attempt *a)
 					int			nlost = etcd_lease_declare_lost(a->slot, a->lease_id, true);
 
 					if (nlost >= 0)
-						report_lost(a->lease_id, nlost, "is gone from etcd");
+						report_lost(a->lease_id, nlost, true);
 				}
 				else
 				{
 					/* the next attempt may go out at once, elsewhere */
 					(void) next_attempt(a->slot, a->lease_id);
 					slot_next_attempt[a->slot] = TimestampTzPlusMilliseconds(now, RETRY_MS);
-					elog(DEBUG1, "etcd_lock: keepalive of lease %llx at %s failed: %s",
+					elog(DEBUG1, "keepalive of etcd lease %llx at %s failed: %s",
 						 (unsigned long long) a->lease_id, etcd_endpoint(a->endpoint),
 						 res.error);
 				}
@@ -323,7 +345,7 @@ finish_attempt(Attempt *a)
 			{
 				if (res.kind == ETCD_RES_ERROR && res.http_status == 401)
 					etcd_auth_reset();	/* expired token: authenticate again */
-				elog(DEBUG1, "etcd_lock: revoke of lease %llx at %s failed: %s",
+				elog(DEBUG1, "revoke of etcd lease %llx at %s failed: %s",
 					 (unsigned long long) a->lease_id, etcd_endpoint(a->endpoint),
 					 res.error);
 				etcd_lease_revoke_failed(a->slot, a->lease_id,
@@ -354,7 +376,7 @@ renew_lease(EtcdLeaseView *v, TimestampTz now)
 			int			nlost = etcd_lease_declare_lost(v->slot, v->lease_id, false);
 
 			if (nlost >= 0)
-				report_lost(v->lease_id, nlost, "could not be renewed before it expired");
+				report_lost(v->lease_id, nlost, false);
 			return TimestampTzPlusMilliseconds(now, RETRY_MS);
 		}
 		/* their answers, or curl's timers, wake the loop */

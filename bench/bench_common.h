@@ -107,7 +107,7 @@ write_cb(char *ptr, size_t size, size_t nmemb, void *ud)
 	return n;
 }
 
-/* A new easy handle, set up the way etcd_lock's client.c sets up its own. */
+/* A new easy handle, set up the way etcd_lock's http.c sets up its own. */
 static CURL *
 new_handle(Thread *t)
 {

@@ -38,6 +38,9 @@ SELECT etcd_unlock(:'h') AS released_again;
 RESET client_min_messages;
 SELECT etcd_unlock('etcd_lock/orders/1');
 SELECT etcd_unlock('some/key/of/somebody/else');
+-- a huge handle is not echoed back whole: cut to 403 bytes and "..."
+SELECT etcd_unlock(repeat('x', 100000));
+SELECT etcd_lock_token(repeat('y', 100000));
 
 -- try_lock on a free name takes it at once
 SELECT etcd_try_lock('free', 10) ~ '^etcd_lock/free/[0-9a-f]+$' AS took_it;
@@ -83,6 +86,7 @@ CREATE ROLE regress_etcd_lock_user;
 SET ROLE regress_etcd_lock_user;
 SELECT expect_error($$SET etcd_lock.prefix = ''$$);
 SELECT expect_error($$SET etcd_lock.endpoints = 'http://127.0.0.1:1'$$);
+SELECT expect_error($$SHOW etcd_lock.password_file$$);
 -- an ordinary user can lock, and sees its lock in the views
 SELECT etcd_lock('user-lock') AS uh \gset
 SELECT key, state, handle = :'uh' AS same_handle FROM etcd_locks WHERE pid = pg_backend_pid();

@@ -1,0 +1,714 @@
+/*-------------------------------------------------------------------------
+ *
+ * http.c
+ *		  The HTTP driver: requests through libcurl's multi interface,
+ *		  waited on with PostgreSQL's latch, and the TLS settings they use.
+ *
+ * Every wait goes through etcd_multi_wait(), which sleeps on the process
+ * latch and on curl's sockets at once.  Callers run CHECK_FOR_INTERRUPTS()
+ * after each wake, so cancel, statement_timeout and lock_timeout are
+ * reported by PostgreSQL itself, at once.
+ *
+ * This file knows HTTP and TLS, not etcd: what the answers mean, which
+ * member to ask and how to authenticate are the etcd client's (client.c).
+ * Nothing here raises an ERROR once a transfer has been set up, because
+ * transaction-end cleanup sends requests too.
+ *
+ * IDENTIFICATION
+ *		  http.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/wait_event.h"
+
+#include "http.h"
+
+/* Sockets one multi handle may watch; curl uses one or two per transfer. */
+#define ETCD_MAX_SOCKETS	256
+
+/* A response larger than this is refused: etcd's own limit is ~1.5 MB. */
+#define ETCD_MAX_BODY_MB	4
+#define ETCD_MAX_BODY		(ETCD_MAX_BODY_MB * 1024 * 1024)
+
+struct EtcdMulti
+{
+	CURLM	   *multi;
+	int			nsocks;
+	curl_socket_t socks[ETCD_MAX_SOCKETS];
+	int			what[ETCD_MAX_SOCKETS];
+	/* latch, postmaster and sockets; rebuilt only when the sockets change */
+	WaitEventSet *set;
+	bool		set_stale;
+};
+
+/*
+ * Curl handles and response buffers live for the whole process, so they are
+ * malloc'd: no memory context may reset them under curl's feet.
+ */
+struct EtcdTransfer
+{
+	CURL	   *easy;
+	struct curl_slist *headers;
+	char	   *buf;
+	size_t		len;
+	size_t		cap;
+	size_t		consumed;		/* watch streams: bytes already parsed */
+	bool		too_big;
+	bool		active;			/* added to a multi handle */
+	bool		done;
+	CURLcode	code;
+	char		errbuf[CURL_ERROR_SIZE];
+	char	   *header_token;	/* the token in headers, malloc'd */
+};
+
+/* TLS settings (GUCs) */
+static char *tls_cacert = NULL;
+static char *tls_cert = NULL;
+static char *tls_key = NULL;
+
+static bool curl_ready = false;
+
+static void curl_init_once(void);
+static uint32 wait_event_info(EtcdWait what);
+static WaitEventSet *create_wait_event_set(int nevents);
+static int	multi_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp,
+							void *socketp);
+static size_t transfer_write_cb(char *ptr, size_t size, size_t nmemb,
+								void *userdata);
+static void transfer_headers(EtcdTransfer *t, const char *token);
+static void transfer_tls(EtcdTransfer *t);
+static bool string_changed(const char *oldval, const char *newval);
+static void assign_cacert(const char *newval, void *extra);
+static void assign_cert(const char *newval, void *extra);
+static void assign_key(const char *newval, void *extra);
+
+/*
+ * Bumped when the TLS files change.  curl does not compare every TLS option
+ * when it reuses a connection (not the key file), so a multi handle made
+ * before the change is dropped, with its connections.
+ */
+static int	tls_generation = 0;
+
+static void
+curl_init_once(void)
+{
+	if (curl_ready)
+		return;
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("could not initialize libcurl")));
+	curl_ready = true;
+}
+
+/* ----------------------------------------------------------------
+ * PostgreSQL version differences, all here
+ * ----------------------------------------------------------------
+ */
+
+/* The wait_event_info of what this process waits for. */
+static uint32
+wait_event_info(EtcdWait what)
+{
+#if PG_VERSION_NUM >= 170000
+	static const char *const names[ETCD_NWAITS] = {
+		"EtcdLockWait", "EtcdRequest", "EtcdLeaseWorker"
+	};
+	static uint32 info[ETCD_NWAITS];
+
+	/* registered once per cluster, looked up once per process */
+	if (info[what] == 0)
+		info[what] = WaitEventExtensionNew(names[what]);
+	return info[what];
+#else
+	return PG_WAIT_EXTENSION;
+#endif
+}
+
+/* A wait event set that lives until freed, owned by no resource owner. */
+static WaitEventSet *
+create_wait_event_set(int nevents)
+{
+#if PG_VERSION_NUM >= 170000
+	return CreateWaitEventSet(NULL, nevents);
+#else
+	return CreateWaitEventSet(TopMemoryContext, nevents);
+#endif
+}
+
+/* ----------------------------------------------------------------
+ * The multi driver
+ * ----------------------------------------------------------------
+ */
+
+static int
+multi_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp, void *socketp)
+{
+	EtcdMulti  *m = (EtcdMulti *) userp;
+	int			i;
+
+	for (i = 0; i < m->nsocks; i++)
+		if (m->socks[i] == s)
+			break;
+
+	if (what == CURL_POLL_REMOVE)
+	{
+		if (i < m->nsocks)
+		{
+			m->nsocks--;
+			m->socks[i] = m->socks[m->nsocks];
+			m->what[i] = m->what[m->nsocks];
+			m->set_stale = true;
+		}
+		return 0;
+	}
+	if (i == m->nsocks)
+	{
+		if (m->nsocks >= ETCD_MAX_SOCKETS)
+			return -1;			/* curl fails the transfer; never reached */
+		m->socks[m->nsocks++] = s;
+		m->set_stale = true;
+	}
+	else if (m->what[i] != what)
+		m->set_stale = true;
+	m->what[i] = what;
+	return 0;
+}
+
+EtcdMulti *
+etcd_multi_create(void)
+{
+	EtcdMulti  *m;
+
+	curl_init_once();
+	m = calloc(1, sizeof(EtcdMulti));
+	if (m == NULL || (m->multi = curl_multi_init()) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, multi_socket_cb);
+	curl_multi_setopt(m->multi, CURLMOPT_SOCKETDATA, m);
+	return m;
+}
+
+static size_t
+transfer_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	EtcdTransfer *t = (EtcdTransfer *) userdata;
+	size_t		n = size * nmemb;
+
+	/* never ereport here: report through the return value instead */
+	if (t->len - t->consumed + n > ETCD_MAX_BODY)
+	{
+		t->too_big = true;
+		return 0;
+	}
+	if (t->len + n + 1 > t->cap)
+	{
+		size_t		newcap = Max(t->cap * 2, t->len + n + 1);
+		char	   *nb = realloc(t->buf, newcap);
+
+		if (nb == NULL)
+			return 0;
+		t->buf = nb;
+		t->cap = newcap;
+	}
+	memcpy(t->buf + t->len, ptr, n);
+	t->len += n;
+	t->buf[t->len] = '\0';
+	return n;
+}
+
+EtcdTransfer *
+etcd_transfer_create(void)
+{
+	EtcdTransfer *t;
+	CURL	   *e;
+
+	curl_init_once();
+	t = calloc(1, sizeof(EtcdTransfer));
+	if (t == NULL || (t->easy = e = curl_easy_init()) == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+
+	curl_easy_setopt(e, CURLOPT_PRIVATE, t);
+	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, transfer_write_cb);
+	curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
+	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
+	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
+	/* never through a proxy from the server's environment (http_proxy...) */
+	curl_easy_setopt(e, CURLOPT_PROXY, "");
+	curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
+	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+	curl_easy_setopt(e, CURLOPT_POST, 1L);
+	return t;
+}
+
+/* Headers: JSON, and the auth token when there is one (none when auth is off). */
+static void
+transfer_headers(EtcdTransfer *t, const char *token)
+{
+	char	   *line;
+
+	if (t->headers != NULL &&
+		((token == NULL && t->header_token == NULL) ||
+		 (token && t->header_token && strcmp(token, t->header_token) == 0)))
+		return;
+	curl_slist_free_all(t->headers);
+	free(t->header_token);
+	t->header_token = NULL;
+	t->headers = curl_slist_append(NULL, "Content-Type: application/json");
+	/* no "Expect: 100-continue" round trip for larger bodies */
+	t->headers = curl_slist_append(t->headers, "Expect:");
+	if (token)
+	{
+		/* etcd wants the bare token, without "Bearer" */
+		size_t		size = strlen(token) + 32;
+
+		/* malloc, not palloc: this runs at transaction end too */
+		line = malloc(size);
+		if (line != NULL)
+		{
+			snprintf(line, size, "Authorization: %s", token);
+			t->headers = curl_slist_append(t->headers, line);
+			free(line);
+		}
+		t->header_token = strdup(token);
+	}
+	curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
+}
+
+/*
+ * TLS settings.  Peer and host name verification stay on (curl's default):
+ * nothing here can turn them off.
+ */
+static void
+transfer_tls(EtcdTransfer *t)
+{
+	curl_easy_setopt(t->easy, CURLOPT_CAINFO,
+					 tls_cacert[0] ? tls_cacert : NULL);
+	curl_easy_setopt(t->easy, CURLOPT_SSLCERT,
+					 tls_cert[0] ? tls_cert : NULL);
+	curl_easy_setopt(t->easy, CURLOPT_SSLKEY,
+					 tls_key[0] ? tls_key : NULL);
+	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(t->easy, CURLOPT_SSL_VERIFYHOST, 2L);
+}
+
+/*
+ * Start a POST of body to url, with token (NULL: none) as etcd's
+ * Authorization header.  timeout_ms bounds the whole transfer (0: no
+ * limit, for streams).  Never raises an ERROR: a transfer that cannot
+ * start is done at once, as a transport failure.
+ */
+void
+etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
+					const char *body, const char *token,
+					long timeout_ms, long connect_timeout_ms)
+{
+	CURLMcode	rc;
+
+	if (t->active)
+		etcd_transfer_stop(m, t);
+
+	transfer_headers(t, token);
+	transfer_tls(t);
+
+	t->len = 0;
+	t->consumed = 0;
+	t->too_big = false;
+	t->done = false;
+	t->code = CURLE_OK;
+	t->errbuf[0] = '\0';
+
+	curl_easy_setopt(t->easy, CURLOPT_URL, url);
+	curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
+	curl_easy_setopt(t->easy, CURLOPT_COPYPOSTFIELDS, body);
+	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout_ms);
+
+	rc = curl_multi_add_handle(m->multi, t->easy);
+	if (rc != CURLM_OK)
+	{
+		t->done = true;
+		t->code = CURLE_FAILED_INIT;
+		snprintf(t->errbuf, sizeof(t->errbuf), "could not start the request: %s",
+				 curl_multi_strerror(rc));
+		return;
+	}
+	t->active = true;
+}
+
+void
+etcd_transfer_stop(EtcdMulti *m, EtcdTransfer *t)
+{
+	if (!t->active)
+		return;
+	/* a finished transfer leaves its connection in the multi's pool */
+	curl_multi_remove_handle(m->multi, t->easy);
+	t->active = false;
+}
+
+bool
+etcd_transfer_done(EtcdTransfer *t)
+{
+	return t->done;
+}
+
+/* Whether the transfer is started and not stopped yet (done or not). */
+bool
+etcd_transfer_active(EtcdTransfer *t)
+{
+	return t->active;
+}
+
+/*
+ * Wait until curl has work to do, the latch is set, or max_wait_ms passes
+ * (-1: no limit of our own), then let curl run.  Returns true if the latch
+ * was set.  The caller decides whether to CHECK_FOR_INTERRUPTS().
+ */
+bool
+etcd_multi_wait(EtcdMulti *m, long max_wait_ms, EtcdWait what)
+{
+	WaitEvent	events[ETCD_MAX_SOCKETS + 2];
+	long		timeout = -1;
+	int			nevents = 0;
+	int			running;
+	bool		latch_set = false;
+	CURLMsg    *msg;
+	int			left;
+	int			i;
+
+	curl_multi_timeout(m->multi, &timeout);
+	if (max_wait_ms >= 0 && (timeout < 0 || timeout > max_wait_ms))
+		timeout = max_wait_ms;
+
+	if (timeout != 0)
+	{
+		/*
+		 * A kept-alive connection keeps its socket, so the set usually
+		 * survives from one request to the next: no epoll set per request.
+		 */
+		if (m->set == NULL || m->set_stale)
+		{
+			WaitEventSet *set;
+
+			if (m->set)
+				FreeWaitEventSet(m->set);
+			m->set = NULL;
+			set = create_wait_event_set(m->nsocks + 2);
+			PG_TRY();
+			{
+				AddWaitEventToSet(set, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+				AddWaitEventToSet(set, WL_POSTMASTER_DEATH, PGINVALID_SOCKET, NULL, NULL);
+				for (i = 0; i < m->nsocks; i++)
+				{
+					uint32		ev = 0;
+
+					if (m->what[i] & CURL_POLL_IN)
+						ev |= WL_SOCKET_READABLE;
+					if (m->what[i] & CURL_POLL_OUT)
+						ev |= WL_SOCKET_WRITEABLE;
+					if (ev)
+						AddWaitEventToSet(set, ev, m->socks[i], NULL, NULL);
+				}
+			}
+			PG_CATCH();
+			{
+				/* owned by no resource owner (see create_wait_event_set): free it here */
+				FreeWaitEventSet(set);
+				PG_RE_THROW();
+			}
+			PG_END_TRY();
+			m->set = set;
+			m->set_stale = false;
+		}
+		nevents = WaitEventSetWait(m->set, timeout, events, lengthof(events),
+								   wait_event_info(what));
+	}
+
+	for (i = 0; i < nevents; i++)
+	{
+		if (events[i].events & WL_POSTMASTER_DEATH)
+		{
+			if (!proc_exit_inprogress)
+				proc_exit(1);
+		}
+		else if (events[i].events & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			latch_set = true;
+		}
+		else
+		{
+			int			flags = 0;
+
+			if (events[i].events & WL_SOCKET_READABLE)
+				flags |= CURL_CSELECT_IN;
+			if (events[i].events & WL_SOCKET_WRITEABLE)
+				flags |= CURL_CSELECT_OUT;
+			curl_multi_socket_action(m->multi, events[i].fd, flags, &running);
+		}
+	}
+	/* also covers curl's timers: connect and transfer timeouts, retries */
+	curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+
+	while ((msg = curl_multi_info_read(m->multi, &left)) != NULL)
+	{
+		EtcdTransfer *t;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
+		t->done = true;
+		t->code = msg->data.result;
+	}
+	return latch_set;
+}
+
+/* Drop a multi handle and every connection in its pool. */
+void
+etcd_multi_destroy(EtcdMulti *m)
+{
+	if (m->set)
+		FreeWaitEventSet(m->set);
+	curl_multi_cleanup(m->multi);
+	free(m);
+}
+
+/* ----------------------------------------------------------------
+ * Answers
+ * ----------------------------------------------------------------
+ */
+
+/* How a finished transfer ended; body points into the transfer's buffer. */
+void
+etcd_transfer_result(EtcdTransfer *t, EtcdHttpResult *r)
+{
+	memset(r, 0, sizeof(EtcdHttpResult));
+	r->curl_code = t->code;
+	r->timed_out = t->code == CURLE_OPERATION_TIMEDOUT;
+	r->too_big = t->too_big;
+	r->body = t->buf ? t->buf : "";
+	r->len = t->len;
+	if (t->too_big)
+		r->error = "The response is larger than " CppAsString2(ETCD_MAX_BODY_MB) " MB, more than etcd ever sends.";
+	else if (t->code != CURLE_OK)
+		r->error = t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->code);
+	else
+		curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &r->status);
+}
+
+/*
+ * The next complete line of a streamed answer, without its newline, or NULL
+ * when none has arrived yet.  The line stays valid until the next call.
+ */
+char *
+etcd_transfer_next_line(EtcdTransfer *t, size_t *len)
+{
+	char	   *start;
+	char	   *nl;
+
+	if (t->consumed == t->len)
+	{
+		/* all read: start the buffer over, so a long stream stays small */
+		t->consumed = t->len = 0;
+		return NULL;
+	}
+	start = t->buf + t->consumed;
+	nl = memchr(start, '\n', t->len - t->consumed);
+	if (nl == NULL)
+		return NULL;
+	*nl = '\0';
+	*len = nl - start;
+	t->consumed = (nl - t->buf) + 1;
+	return start;
+}
+
+/* ----------------------------------------------------------------
+ * TLS settings, and failures told in their terms
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * Assign hooks run on every reload, changed or not; the variable still holds
+ * the old value while they run.
+ */
+static bool
+string_changed(const char *oldval, const char *newval)
+{
+	return oldval == NULL || strcmp(oldval, newval) != 0;
+}
+
+/*
+ * Called when a TLS file or the endpoints change.  curl does not compare
+ * every TLS option when it reuses a connection (not the key file), so every
+ * multi handle made before is dropped by its owner, with its connections.
+ */
+void
+etcd_tls_changed(void)
+{
+	tls_generation++;
+}
+
+int
+etcd_tls_generation(void)
+{
+	return tls_generation;
+}
+
+static void
+assign_cacert(const char *newval, void *extra)
+{
+	if (string_changed(tls_cacert, newval))
+		etcd_tls_changed();
+}
+
+static void
+assign_cert(const char *newval, void *extra)
+{
+	if (string_changed(tls_cert, newval))
+		etcd_tls_changed();
+}
+
+static void
+assign_key(const char *newval, void *extra)
+{
+	if (string_changed(tls_key, newval))
+		etcd_tls_changed();
+}
+
+void
+etcd_http_define_settings(void)
+{
+	DefineCustomStringVariable("etcd_lock.cacert",
+							   "CA file that https:// endpoints' certificates are verified against.",
+							   "Empty means the system's CAs. Verification cannot be turned off.",
+							   &tls_cacert,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, assign_cacert, NULL);
+
+	DefineCustomStringVariable("etcd_lock.cert",
+							   "Client certificate file presented to etcd (mTLS).",
+							   NULL,
+							   &tls_cert,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, assign_cert, NULL);
+
+	DefineCustomStringVariable("etcd_lock.key",
+							   "Private key file of etcd_lock.cert.",
+							   NULL,
+							   &tls_key,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, assign_key, NULL);
+}
+
+/*
+ * Failures that come from our own certificate files: they are the same for
+ * every member, so trying another one does not help.
+ */
+bool
+etcd_http_failure_is_ours(int curl_code)
+{
+	return curl_code == CURLE_SSL_CACERT_BADFILE ||
+		curl_code == CURLE_SSL_CERTPROBLEM;
+}
+
+/*
+ * Report a transfer that got no answer, in terms of the TLS settings and the
+ * endpoint; error is curl's text, context says which request it was.
+ */
+void
+etcd_http_report(int elevel, int curl_code, const char *error,
+				 const char *endpoint, const char *context)
+{
+	switch (curl_code)
+	{
+		case CURLE_SSL_CACERT_BADFILE:
+			ereport(elevel,
+					(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+					 errmsg("could not load the CA file \"%s\" set in etcd_lock.cacert",
+							tls_cacert),
+					 errdetail_internal("%s", error),
+					 errcontext("%s", context)));
+			break;
+		case CURLE_SSL_CERTPROBLEM:
+			if (tls_cert[0] && access(tls_cert, R_OK) != 0)
+				ereport(elevel,
+						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+						 errmsg("could not read the client certificate \"%s\" set in etcd_lock.cert: %m",
+								tls_cert),
+						 errcontext("%s", context)));
+			else if (tls_key[0] && access(tls_key, R_OK) != 0)
+				ereport(elevel,
+						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+						 errmsg("could not read the client key \"%s\" set in etcd_lock.key: %m",
+								tls_key),
+						 errcontext("%s", context)));
+			else
+				ereport(elevel,
+						(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+						 errmsg("could not use the client certificate \"%s\" and key \"%s\"",
+								tls_cert, tls_key),
+						 errdetail_internal("%s", error),
+						 errcontext("%s", context)));
+			break;
+		case CURLE_PEER_FAILED_VERIFICATION:
+			ereport(elevel,
+					(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+					 errmsg("could not verify the TLS certificate of etcd at %s", endpoint),
+					 errdetail_internal("%s", error),
+					 tls_cacert[0] ?
+					 errhint("The server certificate must be signed by the CA in etcd_lock.cacert (\"%s\") and name the endpoint's host.",
+							 tls_cacert) :
+					 errhint("The server certificate must be signed by one of the system's CAs, since etcd_lock.cacert is empty, and name the endpoint's host."),
+					 errcontext("%s", context)));
+			break;
+		case CURLE_SSL_CONNECT_ERROR:
+		case CURLE_SEND_ERROR:
+		case CURLE_RECV_ERROR:
+		case CURLE_HTTP2:		/* TLS endpoints speak HTTP/2 */
+		case CURLE_HTTP2_STREAM:
+			ereport(elevel,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("connection to etcd at %s failed", endpoint),
+					 errdetail_internal("%s", error),
+					 strncmp(endpoint, "https://", 8) == 0 ?
+					 errhint("etcd may have refused the client certificate (etcd_lock.cert = \"%s\").",
+							 tls_cert) : 0,
+					 errcontext("%s", context)));
+			break;
+		case CURLE_GOT_NOTHING:
+			ereport(elevel,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("etcd at %s closed the connection without answering", endpoint),
+					 errdetail_internal("%s", error),
+					 errhint("An http:// endpoint that points at a TLS port does this."),
+					 errcontext("%s", context)));
+			break;
+		default:
+			ereport(elevel,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("could not reach etcd at %s", endpoint),
+					 errdetail_internal("%s", error),
+					 errcontext("%s", context)));
+			break;
+	}
+}

@@ -237,22 +237,7 @@ is(sqlstate($err), '42602', 'an invented etcd_lock.* setting is rejected (reserv
 $node->safe_psql('postgres', 'CREATE ROLE alice LOGIN');
 my $alice = session($node, user => 'alice');
 is($alice->query_safe('SELECT current_user'), 'alice', 'a non-superuser session');
-for my $g (qw(cacert cert key))
-{
-	($o, $err) = $alice->query("SET etcd_lock.$g = ''");
-	my $code = sqlstate($err);
-	is($code, '55P02', "non-superuser: SET etcd_lock.$g fails (55P02: a reload-only setting)");
-	$observed{"non-superuser SET etcd_lock.$g"} = "$code: " . errmsg($err);
-	($o, $err) = $alice->query("SHOW etcd_lock.$g");
-	is(sqlstate($err), '42501', "non-superuser: SHOW etcd_lock.$g is refused");
-	$observed{"non-superuser SHOW etcd_lock.$g"} = errmsg($err);
-	($o, $err) = $alice->query("SELECT count(*) FROM pg_settings WHERE name = 'etcd_lock.$g'");
-	is($o, '0', "non-superuser: pg_settings hides etcd_lock.$g");
-	($o, $err) = $alice->query("SELECT set_config('etcd_lock.$g', '', false)");
-	is(sqlstate($err), '55P02', "non-superuser: set_config(etcd_lock.$g) fails (55P02)");
-	($o, $err) = $alice->query("ALTER SYSTEM SET etcd_lock.$g = ''");
-	is(sqlstate($err), '42501', "non-superuser: ALTER SYSTEM SET etcd_lock.$g is refused");
-}
+superuser_only_ok($alice, "etcd_lock.$_") for qw(cacert cert key);
 ($o, $err) = $alice->query("SET etcd_lock.endpoints = 'http://127.0.0.1:1'");
 is(sqlstate($err), '55P02', 'non-superuser: SET etcd_lock.endpoints fails (55P02)');
 ($o, $err) = $alice->query("SET etcd_lock.prefix = 'other/'");

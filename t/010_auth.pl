@@ -1,11 +1,16 @@
 # etcd with auth enabled and a least-privilege role: etcd_lock's user may
 # read and write etcd_lock/ and nothing else (the role the README documents).
 # Locks work; names cannot leave the prefix, and etcd itself refuses a key
-# outside it; the password is hidden from non-superusers; a wrong password is
-# 28P01 and a fixed one works in the same session; the token is cached, and
-# renewed transparently when it expires (etcd runs with --auth-token-ttl 3);
-# the worker authenticates on its own and keeps a ttl-2 lock alive; an empty
-# user gets a clear error; an etcd without auth works with the user set.
+# outside it.  The password comes from etcd_lock.password_file: the setting
+# and the file's path are hidden from non-superusers; a file with the wrong
+# password is 28P01, and the right one works in the same session; a missing,
+# unreadable or oversized file is a clear error; the file is read at each
+# authentication, so a new password written to it is used without a reload;
+# and the password never shows in the server log, which logs every
+# statement, every reload and DEBUG1.  The token is cached, and renewed
+# transparently when it expires (etcd runs with --auth-token-ttl 3); the
+# worker authenticates on its own and keeps a ttl-2 lock alive; an empty user
+# gets a clear error; an etcd without auth works with the user set.
 use strict;
 use warnings;
 
@@ -20,8 +25,28 @@ use Test::More;
 use Time::HiRes qw(time);
 
 my $TOKEN_TTL = 3;
+
+# Passwords that nothing else would put in the server log.
+my %pw = (
+	right => 'pw-right-7c1e9a',
+	wrong => 'pw-wrong-3b8d52',
+	rotated => 'pw-rotated-5f02c4');
+
+# The password files, each holding its password and a line end.
+my $dir = PostgreSQL::Test::Utils::tempdir('auth');
+sub write_file
+{
+	my ($path, $content) = @_;
+	open my $fh, '>', $path or die "$path: $!";
+	print $fh $content;
+	close $fh or die "$path: $!";
+	return $path;
+}
+my $pw_file = write_file("$dir/pglock.pw", "$pw{right}\n");
+my $wrong_file = write_file("$dir/wrong.pw", "$pw{wrong}\n");
+
 my $etcd = EtcdLockTest::Etcd->new(name => 'auth', extra => [ '--auth-token-ttl', $TOKEN_TTL ]);
-$etcd->enable_auth;
+$etcd->enable_auth($pw{right});
 like($etcd->etcdctl('role', 'get', 'etcd_lock_role'), qr/KV Read:\s+\[etcd_lock\/, etcd_lock0\)/,
 	'etcd_lock_role may read and write etcd_lock/ only');
 my ($ok, $o, $e) = $etcd->try_etcdctl('--dial-timeout=2s', 'get', 'x');
@@ -32,7 +57,9 @@ ok(!$ok, 'etcd refuses a write without credentials: auth is on');
 
 my $node = pg_node('auth', $etcd->url, qq{
 etcd_lock.user = 'pglock'
-etcd_lock.password = 'secret'
+etcd_lock.password_file = '$pw_file'
+log_statement = all
+log_min_messages = debug1
 });
 
 my %observed;
@@ -93,25 +120,16 @@ $s->query_safe('RESET etcd_lock.prefix');
 $etcd->no_leftovers('prefix reset');
 
 # ---------------------------------------------------------------------------
-# The password is hidden from non-superusers
+# No setting holds the password; the file's path and the user are hidden
+# from non-superusers
 # ---------------------------------------------------------------------------
-is($s->query_safe('SHOW etcd_lock.password'), 'secret', 'the superuser can read the password');
+is($s->query_safe('SHOW etcd_lock.password_file'), $pw_file, 'the superuser sees the password file\'s path');
+($out, $err) = $s->query(q{SET etcd_lock.password = 'x'});
+is(sqlstate($err), '42602', 'there is no etcd_lock.password setting to put a password in (42602)');
 $node->safe_psql('postgres', 'CREATE ROLE alice LOGIN');
 my $alice = session($node, user => 'alice');
 is($alice->query_safe('SELECT current_user'), 'alice', 'a non-superuser session');
-for my $g (qw(password user))
-{
-	($out, $err) = $alice->query("SELECT count(*) FROM pg_settings WHERE name = 'etcd_lock.$g'");
-	is($out, '0', "non-superuser: pg_settings has no etcd_lock.$g row");
-	my $id = EtcdLockTest::guc_ident("etcd_lock.$g");
-	($out, $err) = $alice->query("SHOW $id");
-	is(sqlstate($err), '42501', "non-superuser: SHOW etcd_lock.$g is refused (42501)");
-	$observed{"non-superuser SHOW etcd_lock.$g"} = errmsg($err);
-	($out, $err) = $alice->query("SELECT current_setting('etcd_lock.$g')");
-	is(sqlstate($err), '42501', "non-superuser: current_setting('etcd_lock.$g') is refused");
-	($out, $err) = $alice->query("SET $id = 'x'");
-	is(sqlstate($err), '55P02', "non-superuser: SET etcd_lock.$g fails (55P02)");
-}
+superuser_only_ok($alice, "etcd_lock.$_") for qw(password_file user);
 ($out, $err) = $alice->query('SELECT count(*) FROM pg_file_settings');
 is(sqlstate($err), '42501', 'non-superuser: pg_file_settings (which shows the file) is refused');
 ($out, $err) = $alice->query(q{SELECT etcd_unlock(etcd_lock('alice'))});
@@ -119,10 +137,11 @@ is($out, 't', 'the non-superuser locks with the server\'s etcd credentials');
 $alice->quit;
 
 # ---------------------------------------------------------------------------
-# A wrong password: 28P01, then fixed in the same session
+# A file with the wrong password: 28P01, then the right file works in the
+# same session.  A changed etcd_lock.password_file drops the cached token.
 # ---------------------------------------------------------------------------
 $s->query_safe('SELECT etcd_unlock_all()');
-set_conf($node, [$s], 'etcd_lock.password' => 'wrong-pw');
+set_conf($node, [$s], 'etcd_lock.password_file' => $wrong_file);
 my $elapsed;
 ($out, $err, undef, $elapsed) = $s->query(q{SELECT etcd_lock('auth-pw')});
 note "wrong password: $err";
@@ -130,28 +149,88 @@ $observed{'wrong password'} = sqlstate($err) . ': ' . errmsg($err);
 is(sqlstate($err), '28P01', 'wrong password: SQLSTATE 28P01');
 like($err, qr/etcd authentication failed for user "pglock"/, 'wrong password: the message names the user');
 like($err, qr/DETAIL:  etcdserver: authentication failed/, 'wrong password: etcd\'s reason in DETAIL');
-unlike($err, qr/wrong-pw/, 'wrong password: the error does not show the password');
+like($err, qr/HINT:  [^\n]*etcd_lock\.password_file/, 'wrong password: the hint names etcd_lock.password_file');
+unlike($err, qr/\Q$pw{wrong}\E/, 'wrong password: the error does not show the password');
 cmp_ok($elapsed, '<', 10, 'wrong password: reported promptly');
+is($out, '', 'wrong password: no handle');
 $etcd->no_leftovers('wrong password');
-# Our own ALTER SYSTEM statement is logged (log_statement = all): skip it.
-# PostgreSQL itself logs 'parameter "etcd_lock.password" changed to "..."'
-# on reload, for every setting, GUC_SUPERUSER_ONLY or not.
-TODO:
-{
-	local $TODO = 'PostgreSQL logs a reloaded setting\'s new value, the password too';
-	unlike(join('', grep { !/LOG:  statement: / } split /^/, slurp_file($node->logfile)),
-		qr/wrong-pw/, 'the server log shows the password nowhere but in our ALTER SYSTEM');
-}
 server_ok($node, 'wrong password');
 
-set_conf($node, [$s], 'etcd_lock.password' => undef);
+# postgresql.conf's value, the right file, once the override is reset
+set_conf($node, [$s], 'etcd_lock.password_file' => undef);
 ($out, $err) = $s->query(q{SELECT etcd_lock('auth-pw')});
-is($err, '', 'password reset: no error');
-like($out, qr{^etcd_lock/auth-pw/[0-9a-f]+$}, 'password reset: the same session locks again');
-is(scalar($s->query('SELECT etcd_unlock_all()')), '1', 'password reset: unlock');
-# back in postgresql.conf's value, which is the right one
-set_conf($node, [$s], 'etcd_lock.password' => 'secret');
-$etcd->no_leftovers('password fixed');
+is($err, '', 'right password file: no error');
+like($out, qr{^etcd_lock/auth-pw/[0-9a-f]+$}, 'right password file: the same session locks again');
+is(scalar($s->query('SELECT etcd_unlock_all()')), '1', 'right password file: unlock');
+$etcd->no_leftovers('right password file');
+
+# ---------------------------------------------------------------------------
+# A password file that cannot be used: a clear error naming the file, and
+# nothing sent to etcd
+# ---------------------------------------------------------------------------
+my $missing_file = "$dir/no-such.pw";
+my $unreadable = write_file("$dir/unreadable.pw", "$pw{right}\n");
+chmod 0000, $unreadable;
+my $can_read_unreadable = open(my $probe, '<', $unreadable);
+close $probe if $can_read_unreadable;
+my $too_long = write_file("$dir/too-long.pw", 'x' x 5000);
+
+my @bad_files = (
+	[ 'missing password file', $missing_file, '58P01',
+		qr/could not open etcd password file "\Q$missing_file\E": No such file or directory/ ],
+	[ 'unreadable password file', $unreadable, '42501',
+		qr/could not open etcd password file "\Q$unreadable\E": Permission denied/ ],
+	[ 'oversized password file', $too_long, 'F0000',
+		qr/etcd password file "\Q$too_long\E" is too long/ ]);
+for my $case (@bad_files)
+{
+	my ($what, $file, $code, $msg) = @$case;
+  SKIP:
+	{
+		skip 'running as a user that can read a mode-000 file', 6
+		  if $file eq $unreadable && $can_read_unreadable;
+		my $auth_calls0 = $etcd->grpc_calls('Authenticate');
+		set_conf($node, [$s], 'etcd_lock.password_file' => $file);
+		($out, $err) = $s->query(q{SELECT etcd_lock('auth-file')});
+		note "$what: $err";
+		$observed{$what} = sqlstate($err) . ': ' . errmsg($err);
+		is(sqlstate($err), $code, "$what: SQLSTATE $code");
+		like($err, $msg, "$what: the message names the file");
+		is($out, '', "$what: no handle");
+		is($etcd->grpc_calls('Authenticate') - $auth_calls0, 0, "$what: nothing was sent to etcd to authenticate");
+		$etcd->no_leftovers($what);
+	}
+}
+set_conf($node, [$s], 'etcd_lock.password_file' => undef);
+($out, $err) = $s->query(q{SELECT etcd_unlock(etcd_lock('auth-file'))});
+is($out, 't', 'right password file again: the same session locks');
+$s->query_safe('SELECT etcd_unlock_all()');
+
+# ---------------------------------------------------------------------------
+# A new password: the file is read at each authentication
+# ---------------------------------------------------------------------------
+# etcd gets a new password for pglock, which also ends pglock's tokens: the
+# session's next request must authenticate again, with what the file holds.
+$etcd->add_pglock($pw{rotated});
+($out, $err) = $s->query(q{SELECT etcd_lock('auth-rotated')});
+is(sqlstate($err), '28P01', 'password changed in etcd, not yet in the file: 28P01');
+# the file now holds the new password, with a CRLF line end; no reload
+write_file($pw_file, "$pw{rotated}\r\n");
+($out, $err) = $s->query(q{SELECT etcd_lock('auth-rotated')});
+is($err, '', 'new password in the file: no error, without a reload');
+like($out, qr{^etcd_lock/auth-rotated/[0-9a-f]+$}, 'new password in the file: the same session locks');
+is(scalar($s->query('SELECT etcd_unlock_all()')), '1', 'new password in the file: unlock');
+# a reload changes nothing: the path is the same
+$node->reload;
+($out, $err) = $s->query(q{SELECT etcd_unlock(etcd_lock('auth-rotated'))});
+is($out, 't', 'after a reload: the session locks with the new password');
+$s->query_safe('SELECT etcd_unlock_all()');
+# The lease of the attempt that failed went to the worker to revoke; the
+# worker too reads the new password from the file when it authenticates.
+ok($node->poll_query_until('postgres', 'SELECT revoking = 0 FROM etcd_lock_stats'),
+	'new password: the worker revoked what it had to');
+$etcd->wait_empty('', 30);
+$etcd->no_leftovers('new password');
 
 # ---------------------------------------------------------------------------
 # The token expires while the session idles; the next call re-authenticates
@@ -210,7 +289,7 @@ $etcd->no_leftovers('renewal');
 # ---------------------------------------------------------------------------
 # No user against the auth etcd
 # ---------------------------------------------------------------------------
-set_conf($node, [$s], 'etcd_lock.user' => '', 'etcd_lock.password' => '');
+set_conf($node, [$s], 'etcd_lock.user' => '', 'etcd_lock.password_file' => '');
 ($out, $err, undef, $elapsed) = $s->query(q{SELECT etcd_lock('auth-nouser')});
 note "empty user: $err";
 my $code = sqlstate($err);
@@ -221,11 +300,11 @@ is($code, '28000', 'empty user: SQLSTATE 28000 (invalid authorization specificat
 like($err, qr/ERROR:  28000: etcd at \Q${\$etcd->url}\E requires authentication/,
 	'empty user: the message says etcd wants credentials, and names the endpoint');
 like($err, qr/DETAIL:  etcdserver: user name is empty/, 'empty user: etcd\'s reason in DETAIL');
-like($err, qr/HINT:  Set etcd_lock.user and etcd_lock.password/, 'empty user: the hint names the settings');
+like($err, qr/HINT:  Set etcd_lock\.user and etcd_lock\.password_file\./, 'empty user: the hint names the settings');
 cmp_ok($elapsed, '<', 10, 'empty user: reported promptly');
 $etcd->no_leftovers('empty user');
-set_conf($node, [$s], 'etcd_lock.user' => undef, 'etcd_lock.password' => undef);
-set_conf($node, [$s], 'etcd_lock.user' => 'pglock', 'etcd_lock.password' => 'secret');
+# back to postgresql.conf's user and password file
+set_conf($node, [$s], 'etcd_lock.user' => undef, 'etcd_lock.password_file' => undef);
 ($out, $err) = $s->query(q{SELECT etcd_unlock(etcd_lock('auth-nouser'))});
 is($out, 't', 'user restored: the same session locks again');
 $s->query_safe('SELECT etcd_unlock_all()');
@@ -270,6 +349,17 @@ set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
 $s->quit;
 $etcd->no_leftovers('end');
 server_ok($node, 'end');
+
+# ---------------------------------------------------------------------------
+# The server log logged every statement, every reload and DEBUG1 messages,
+# and never a password
+# ---------------------------------------------------------------------------
+my $log = slurp_file($node->logfile);
+like($log, qr/LOG:  statement: /, 'the server log has the statements (log_statement = all)');
+like($log, qr/DEBUG:  /, 'the server log has DEBUG1 messages');
+like($log, qr/parameter "etcd_lock\.password_file" changed to "\Q$wrong_file\E"/,
+	'the server log has the reloads of etcd_lock.password_file, with the path only');
+unlike($log, qr/\Q$pw{$_}\E/, "the server log never shows the $_ password") for sort keys %pw;
 note "observed: $_ => $observed{$_}" for sort keys %observed;
 $node->stop;
 done_testing();

@@ -359,7 +359,9 @@ $_->stop for @members;
 {
 	my $t_part = time;
 	my $etcd = EtcdLockTest::Etcd->new(name => 'auth');
-	$etcd->enable_auth;
+	$etcd->enable_auth('secret');
+	my $pw_file = PostgreSQL::Test::Utils::tempdir('renew_c') . '/pglock.pw';
+	PostgreSQL::Test::Utils::append_to_file($pw_file, "secret\n");
 	my ($ok) = $etcd->try_etcdctl('--dial-timeout=2s', '--command-timeout=2s', '--user', 'pglock:wrong',
 		'get', 'etcd_lock/x');
 	ok(!$ok, 'c: auth is on: etcd refuses a wrong password');
@@ -382,7 +384,7 @@ $_->stop for @members;
 	my $black = "http://127.0.0.1:$bh_port";
 	my $node = new_node('renew_c', "$black," . $etcd->url, qq{
 etcd_lock.user = 'pglock'
-etcd_lock.password = 'secret'
+etcd_lock.password_file = '$pw_file'
 });
 	my $lost0 = stat_value($node, 'lost');
 	my $fail0 = stat_value($node, 'failures');

@@ -36,7 +36,7 @@ our @EXPORT = qw(
   have_command poll_until sample_for
   pg_node session postmaster_pid worker_pids server_ok stats stat_value
   lease_of proc_state proc_kb
-  sqlstate errmsg set_conf make_pki
+  sqlstate errmsg set_conf superuser_only_ok make_pki
 );
 
 sub have_command
@@ -265,6 +265,31 @@ sub guc_ident
 {
 	my ($k) = @_;
 	return join '.', map { qq{"$_"} } split /\./, $k;
+}
+
+# superuser_only_ok($session, $setting): tests that a session without
+# superuser rights can neither read the setting (SHOW, current_setting,
+# pg_settings) nor change it (SET and set_config: a reload-only setting;
+# ALTER SYSTEM).
+sub superuser_only_ok
+{
+	my ($s, $setting) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my $id = guc_ident($setting);
+	my $lit = quote_literal($setting);
+	my ($out, $err) = $s->query("SELECT count(*) FROM pg_settings WHERE name = $lit");
+	is($out, '0', "non-superuser: pg_settings hides $setting");
+	($out, $err) = $s->query("SHOW $id");
+	is(sqlstate($err), '42501', "non-superuser: SHOW $setting is refused (42501)");
+	($out, $err) = $s->query("SELECT current_setting($lit)");
+	is(sqlstate($err), '42501', "non-superuser: current_setting('$setting') is refused (42501)");
+	($out, $err) = $s->query("SET $id = ''");
+	is(sqlstate($err), '55P02', "non-superuser: SET $setting fails (55P02: a reload-only setting)");
+	($out, $err) = $s->query("SELECT set_config($lit, '', false)");
+	is(sqlstate($err), '55P02', "non-superuser: set_config('$setting') fails (55P02)");
+	($out, $err) = $s->query("ALTER SYSTEM SET $id = ''");
+	is(sqlstate($err), '42501', "non-superuser: ALTER SYSTEM SET $setting is refused (42501)");
+	return;
 }
 
 # set_conf($node, [sessions], name => value, ...): ALTER SYSTEM SET each
@@ -608,18 +633,30 @@ sub wait_empty
 		$timeout, "etcd $self->{name} to be empty");
 }
 
-# Turn etcd auth on, with root:pw and a user pglock:secret whose role may
-# read and write etcd_lock/ only; later etcdctl calls run as root.
+# Turn etcd auth on, with root:pw and a user pglock (password $password)
+# whose role may read and write etcd_lock/ only; later etcdctl calls run as
+# root.
 sub enable_auth
 {
-	my ($self) = @_;
+	my ($self, $password) = @_;
 	$self->etcdctl('user', 'add', 'root:pw');
 	$self->etcdctl('role', 'add', 'etcd_lock_role');
 	$self->etcdctl('role', 'grant-permission', 'etcd_lock_role', '--prefix=true', 'readwrite', 'etcd_lock/');
-	$self->etcdctl('user', 'add', 'pglock:secret');
-	$self->etcdctl('user', 'grant-role', 'pglock', 'etcd_lock_role');
+	$self->add_pglock($password);
 	$self->etcdctl('auth', 'enable');
 	$self->{ctl} = [ '--user', 'root:pw' ];
+	return;
+}
+
+# (Re)create the user pglock with $password, in role etcd_lock_role.
+# Deleting the user also ends its tokens.
+sub add_pglock
+{
+	my ($self, $password) = @_;
+	$self->etcdctl('user', 'delete', 'pglock') if $self->{pglock};
+	$self->etcdctl('user', 'add', "pglock:$password");
+	$self->etcdctl('user', 'grant-role', 'pglock', 'etcd_lock_role');
+	$self->{pglock} = 1;
 	return;
 }
 

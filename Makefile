@@ -27,3 +27,6 @@ EXTRA_CLEAN = tmp_regress regress.conf
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# PGXS tracks no header dependencies: rebuild everything when a header changes
+$(OBJS): $(wildcard *.h)

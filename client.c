@@ -81,6 +81,7 @@ static int	watch_endpoint;		/* the member it was sent to */
  */
 static char *auth_token = NULL;
 static bool auth_off = false;	/* etcd said auth is not enabled */
+static int	auth_generation = 0;	/* bumped when the credentials change */
 
 static void parse_endpoints(void);
 static long request_time_limit(void);
@@ -94,7 +95,7 @@ static bool authenticate(int idx, EtcdResult *res);
 static bool request_endpoint(int idx, const char *path, const char *body,
 							 EtcdResult *res);
 static bool worth_failover(EtcdResult *res);
-static char *read_password(int elevel);
+static char *read_password(EtcdResult *res);
 static int grpc_sqlstate(EtcdResult *res);
 static char *request_context(const char *path, const char *ep);
 static EtcdWatchEvent watch_scan(void);
@@ -102,6 +103,7 @@ static EtcdWatchEvent watch_failed(void);
 static char *b64_encode(const char *data, int len);
 static bool check_endpoints(char **newval, void **extra, GucSource source);
 static void assign_endpoints(const char *newval, void *extra);
+static void credentials_changed(void);
 static void assign_user(const char *newval, void *extra);
 static void assign_password_file(const char *newval, void *extra);
 
@@ -427,7 +429,9 @@ authenticate(int idx, EtcdResult *res)
 
 	if (!etcd_auth_wanted())
 		return true;
-	body = etcd_auth_body(ERROR);
+	body = etcd_auth_body(res);
+	if (body == NULL)
+		return false;
 	ok = request_once(idx, "/v3/auth/authenticate", body, false, res);
 	/* the body holds the password: wipe it before freeing */
 	memset(body, 0, strlen(body));
@@ -540,6 +544,16 @@ etcd_auth_wanted(void)
 	return auth_user[0] != '\0' && auth_token == NULL && !auth_off;
 }
 
+/*
+ * Bumped whenever the credentials or endpoints change, so that a process
+ * that reports a failure once can tell a new one.
+ */
+int
+etcd_auth_generation(void)
+{
+	return auth_generation;
+}
+
 /* The token to send with requests that need one; NULL when there is none. */
 const char *
 etcd_auth_token(void)
@@ -555,7 +569,7 @@ etcd_auth_token(void)
  * elevel).
  */
 static char *
-read_password(int elevel)
+read_password(EtcdResult *res)
 {
 	FILE	   *f;
 	char	   *buf;
@@ -566,63 +580,69 @@ read_password(int elevel)
 	f = AllocateFile(auth_password_file, "r");
 	if (f == NULL)
 	{
-		ereport(elevel,
-				(errcode_for_file_access(),
-				 errmsg("could not open etcd password file \"%s\": %m",
-						auth_password_file)));
+		res->password_errno = errno;
+		res->password_opened = false;
 		return NULL;
 	}
-	buf = palloc(ETCD_PASSWORD_MAX + 1);
-	len = fread(buf, 1, ETCD_PASSWORD_MAX + 1, f);
+	/* room for the longest password, a CR LF, and one byte to tell too long */
+	buf = palloc(ETCD_PASSWORD_MAX + 3);
+	len = fread(buf, 1, ETCD_PASSWORD_MAX + 3, f);
 	if (ferror(f))
-	{
-		ereport(elevel,
-				(errcode_for_file_access(),
-				 errmsg("could not read etcd password file \"%s\": %m",
-						auth_password_file)));
-		FreeFile(f);
-		pfree(buf);
-		return NULL;
-	}
+		res->password_errno = errno;
 	FreeFile(f);
-	if (len > ETCD_PASSWORD_MAX)
+	if (len > 0 && buf[len - 1] == '\n')
+		len--;
+	if (len > 0 && buf[len - 1] == '\r')
+		len--;
+	if (res->password_errno != 0 || len > ETCD_PASSWORD_MAX)
 	{
-		memset(buf, 0, ETCD_PASSWORD_MAX + 1);
+		/* password_errno 0: too long */
+		res->password_opened = true;
+		memset(buf, 0, ETCD_PASSWORD_MAX + 3);
 		pfree(buf);
-		ereport(elevel,
-				(errcode(ERRCODE_CONFIG_FILE_ERROR),
-				 errmsg("etcd password file \"%s\" is too long", auth_password_file),
-				 errdetail("A password can have at most %d bytes.", ETCD_PASSWORD_MAX)));
 		return NULL;
 	}
 	buf[len] = '\0';
-	if (len > 0 && buf[len - 1] == '\n')
-		buf[--len] = '\0';
-	if (len > 0 && buf[len - 1] == '\r')
-		buf[--len] = '\0';
 	return buf;
 }
 
 /*
- * The body of an authenticate request, or NULL when the password cannot be
- * read (reported at elevel).  The caller wipes and frees it.
+ * The body of an authenticate request, or NULL when the password file
+ * cannot be read (told in res, for etcd_report).  The caller wipes and
+ * frees it.
  */
 char *
-etcd_auth_body(int elevel)
+etcd_auth_body(EtcdResult *res)
 {
 	cJSON	   *req;
-	char	   *password = read_password(elevel);
+	char	   *password;
 	char	   *body;
 	size_t		len;
+	int			size;
 
+	memset(res, 0, sizeof(EtcdResult));
+	password = read_password(res);
 	if (password == NULL)
+	{
+		/* etcd was not asked: another member would not help either */
+		res->kind = ETCD_RES_ERROR;
+		res->password_failed = true;
+		res->auth_failed = true;
 		return NULL;
+	}
 	len = strlen(password);
 	req = cJSON_CreateObject();
 	cJSON_AddStringToObject(req, "name", auth_user);
 	cJSON_AddStringToObject(req, "password", password);
-	body = cJSON_PrintUnformatted(req);
-	/* cJSON copied it: wipe both copies of the password */
+
+	/*
+	 * Printed into a buffer of our own, so that no copy of the password is
+	 * freed unwiped: escaping makes a byte 6 at most.
+	 */
+	size = (strlen(auth_user) + len) * 6 + 64;
+	body = palloc(size);
+	if (!cJSON_PrintPreallocated(req, body, size, false))
+		elog(ERROR, "could not build the etcd authenticate request");
 	memset(password, 0, len);
 	memset(cJSON_GetObjectItemCaseSensitive(req, "password")->valuestring, 0, len);
 	pfree(password);
@@ -700,7 +720,28 @@ etcd_report(int elevel, const char *path, EtcdResult *res)
 {
 	const char *ep = res->endpoint ? res->endpoint : "(none)";
 
-	if (res->kind == ETCD_RES_TRANSPORT && res->timed_out)
+	if (res->password_failed && !res->password_opened)
+	{
+		errno = res->password_errno;
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not open etcd password file \"%s\": %m",
+						auth_password_file)));
+	}
+	else if (res->password_failed && res->password_errno != 0)
+	{
+		errno = res->password_errno;
+		ereport(elevel,
+				(errcode_for_file_access(),
+				 errmsg("could not read etcd password file \"%s\": %m",
+						auth_password_file)));
+	}
+	else if (res->password_failed)
+		ereport(elevel,
+				(errcode(ERRCODE_CONFIG_FILE_ERROR),
+				 errmsg("etcd password file \"%s\" is too long", auth_password_file),
+				 errdetail("A password can have at most %d bytes.", ETCD_PASSWORD_MAX)));
+	else if (res->kind == ETCD_RES_TRANSPORT && res->timed_out)
 		ereport(elevel,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("etcd at %s did not answer within etcd_lock.request_timeout (%d ms)",
@@ -1108,7 +1149,7 @@ assign_endpoints(const char *newval, void *extra)
 	if (endpoints_setting == NULL || strcmp(endpoints_setting, newval) != 0)
 	{
 		/* a token belongs to one cluster; another etcd may hang on it */
-		etcd_auth_reset();
+		credentials_changed();
 
 		/*
 		 * Pooled connections belong to the old endpoints: libcurl 8 reuses
@@ -1120,17 +1161,24 @@ assign_endpoints(const char *newval, void *extra)
 
 /* new credentials: authenticate again at the next request */
 static void
+credentials_changed(void)
+{
+	etcd_auth_reset();
+	auth_generation++;
+}
+
+static void
 assign_user(const char *newval, void *extra)
 {
 	if (auth_user == NULL || strcmp(auth_user, newval) != 0)
-		etcd_auth_reset();
+		credentials_changed();
 }
 
 static void
 assign_password_file(const char *newval, void *extra)
 {
 	if (auth_password_file == NULL || strcmp(auth_password_file, newval) != 0)
-		etcd_auth_reset();
+		credentials_changed();
 }
 
 void

@@ -41,6 +41,9 @@ typedef struct EtcdResult
 	int			curl_code;		/* the driver's code, for transport errors */
 	bool		timed_out;		/* no answer within the request's time limit */
 	bool		auth_failed;	/* authenticating, not the request, failed */
+	bool		password_failed;	/* etcd_lock.password_file was unusable */
+	bool		password_opened;	/* ... but could be opened */
+	int			password_errno; /* ... and why; 0: too long */
 } EtcdResult;
 
 extern void etcd_client_define_settings(void);
@@ -64,7 +67,8 @@ extern void etcd_report(int elevel, const char *path, EtcdResult *res);
 extern bool etcd_result_read(EtcdTransfer *t, EtcdResult *res);
 extern bool etcd_auth_wanted(void);
 extern const char *etcd_auth_token(void);
-extern char *etcd_auth_body(int elevel);
+extern char *etcd_auth_body(EtcdResult *res);
+extern int	etcd_auth_generation(void);
 extern bool etcd_auth_accept(bool ok, EtcdResult *res);
 extern void etcd_auth_reset(void);
 

@@ -279,15 +279,22 @@ transfer_headers(EtcdTransfer *t, const char *token)
 		/* etcd wants the bare token, without "Bearer" */
 		size_t		size = strlen(token) + 32;
 
+		struct curl_slist *with_token = NULL;
+
 		/* malloc, not palloc: this runs at transaction end too */
 		line = malloc(size);
 		if (line != NULL)
 		{
 			snprintf(line, size, "Authorization: %s", token);
-			t->headers = curl_slist_append(t->headers, line);
+			with_token = curl_slist_append(t->headers, line);
 			free(line);
 		}
-		t->header_token = strdup(token);
+		/* out of memory: the request goes without it, and is built anew next time */
+		if (with_token != NULL)
+		{
+			t->headers = with_token;
+			t->header_token = strdup(token);
+		}
 	}
 	curl_easy_setopt(t->easy, CURLOPT_HTTPHEADER, t->headers);
 }
@@ -515,7 +522,8 @@ etcd_transfer_result(EtcdTransfer *t, EtcdHttpResult *r)
 
 /*
  * The next complete line of a streamed answer, without its newline, or NULL
- * when none has arrived yet.  The line stays valid until the next call.
+ * when none has arrived yet.  The line stays valid until the next call, or
+ * the next etcd_multi_wait() (which may grow the buffer).
  */
 char *
 etcd_transfer_next_line(EtcdTransfer *t, size_t *len)
@@ -690,9 +698,11 @@ etcd_http_report(int elevel, int curl_code, const char *error,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
 					 errmsg("connection to etcd at %s failed", endpoint),
 					 errdetail_internal("%s", error),
-					 strncmp(endpoint, "https://", 8) == 0 ?
-					 errhint("etcd may have refused the client certificate (etcd_lock.cert = \"%s\").",
-							 tls_cert) : 0,
+					 strncmp(endpoint, "https://", 8) != 0 ? 0 :
+					 tls_cert[0] ?
+					 errhint("etcd may have refused the client certificate \"%s\" set in etcd_lock.cert.",
+							 tls_cert) :
+					 errhint("etcd may require a client certificate: set etcd_lock.cert and etcd_lock.key."),
 					 errcontext("%s", context)));
 			break;
 		case CURLE_GOT_NOTHING:

@@ -514,10 +514,9 @@ cleanup_releases(void)
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
 		FlushErrorState();
-		ereport(WARNING,
-				(errcode(edata->sqlerrcode),
-				 errmsg("could not release etcd locks"),
-				 errdetail_internal("%s", edata->message)));
+		/* the error as it was, with its detail and context, as a WARNING */
+		edata->elevel = WARNING;
+		ThrowErrorData(edata);
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();

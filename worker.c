@@ -92,7 +92,8 @@ static TimestampTz *slot_next_attempt;
 static int	nrevokes = 0;
 
 static bool auth_in_flight = false;
-static bool password_reported = false;	/* a password file problem is logged once */
+/* a password file problem is logged once per setting of the credentials */
+static int	password_reported = -1;	/* etcd_auth_generation() when logged */
 static TimestampTz auth_retry_at = 0;
 
 static EtcdLeaseView *views;
@@ -217,11 +218,15 @@ start_attempt(Attempt *a, AttemptKind kind, int slot, int64 lease_id,
 
 	if (kind == ATTEMPT_AUTH)
 	{
-		body = etcd_auth_body(password_reported ? DEBUG1 : LOG);
-		password_reported = body == NULL;
+		EtcdResult	res;
+
+		body = etcd_auth_body(&res);
 		if (body == NULL)
 		{
 			/* the password file could not be read: try again later */
+			etcd_report(password_reported == etcd_auth_generation() ? DEBUG1 : LOG,
+						paths[kind], &res);
+			password_reported = etcd_auth_generation();
 			auth_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 														REVOKE_RETRY_MS);
 			return;
@@ -275,6 +280,7 @@ finish_attempt(Attempt *a)
 	TimestampTz now = GetCurrentTimestamp();
 
 	ok = etcd_result_read(a->transfer, &res);
+	res.endpoint = pstrdup(etcd_endpoint(a->endpoint));
 	etcd_transfer_stop(multi, a->transfer);
 	a->in_use = false;
 	if (a->kind == ATTEMPT_AUTH)

@@ -24,14 +24,13 @@ edges=$(
 )
 echo "includes (file -> headers it uses):"
 echo "$edges" | awk '{a[$1] = a[$1] " " $2} END {for (k in a) print "  " k ":" a[k]}' | sort
-if order=$(echo "$edges" | tsort 2>/tmp/check-layout.$$); then
+if order=$(echo "$edges" | tsort 2>&1); then
     echo "no include cycle; from the top down: $(echo $order)"
 else
     echo "include cycle:" >&2
-    cat /tmp/check-layout.$$ >&2
+    echo "$order" >&2
     status=1
 fi
-rm -f /tmp/check-layout.$$
 
 for h in *.h; do
     # PGDLLEXPORT: called by the postmaster, by name

@@ -182,13 +182,13 @@ tls_case(
 	conf => { 'etcd_lock.cert' => $pki->{client2_cert}, 'etcd_lock.key' => $pki->{client2_key} },
 	code => '08006',
 	msg => qr/(connection to etcd at $ep failed|could not reach etcd at $ep)/,
-	hint => qr/HINT:  etcd may have refused the client certificate \(etcd_lock\.cert = "\Q$pki->{client2_cert}\E"\)/);
+	hint => qr/HINT:  etcd may have refused the client certificate "\Q$pki->{client2_cert}\E" set in etcd_lock\.cert\./);
 tls_case(
 	name => 'no client certificate',
 	conf => { 'etcd_lock.cert' => '', 'etcd_lock.key' => '' },
 	code => '08006',
 	msg => qr/(connection to etcd at $ep failed|could not reach etcd at $ep)/,
-	hint => qr/HINT:  etcd may have refused the client certificate \(etcd_lock\.cert = ""\)/);
+	hint => qr/HINT:  etcd may require a client certificate: set etcd_lock\.cert and etcd_lock\.key\./);
 tls_case(
 	name => 'missing key file',
 	conf => { 'etcd_lock.key' => $missing },

@@ -5,6 +5,7 @@ OBJS = \
 	$(WIN32RES) \
 	client.o \
 	etcd_lock.o \
+	grpc.o \
 	http.o \
 	locks.o \
 	recipe.o \
@@ -17,8 +18,9 @@ PGFILEDESC = "etcd_lock - distributed locks held in etcd"
 
 SHLIB_LINK = -lcurl -lcjson
 
-# test/run starts etcd and writes regress.conf, which points the temporary
-# instance at it and preloads the module.
+# scripts/test.sh (run_suite in scripts/lib.sh) starts etcd and writes
+# regress.conf, which points the temporary instance at it and preloads the
+# module.
 REGRESS = etcd_lock xact
 REGRESS_OPTS = --temp-instance=./tmp_regress --temp-config=./regress.conf
 TAP_TESTS = 1

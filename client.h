@@ -64,10 +64,14 @@ extern cJSON *etcd_call(const char *path, cJSON *req);
 extern void etcd_report(int elevel, const char *path, EtcdResult *res);
 
 /* for a process that drives transfers of its own (the worker) */
-extern bool etcd_result_read(EtcdTransfer *t, EtcdResult *res);
+extern char *etcd_request_body(const char *path, cJSON *req, size_t *len);
+extern void etcd_transfer_begin(EtcdMulti *m, EtcdTransfer *t, int idx,
+								const char *path, const char *body, size_t len,
+								const char *token, long timeout_ms);
+extern bool etcd_result_read(EtcdTransfer *t, const char *path, EtcdResult *res);
 extern bool etcd_auth_wanted(void);
 extern const char *etcd_auth_token(void);
-extern char *etcd_auth_body(EtcdResult *res);
+extern char *etcd_auth_body(EtcdResult *res, size_t *len);
 extern int	etcd_auth_generation(void);
 extern bool etcd_auth_accept(bool ok, EtcdResult *res);
 extern void etcd_auth_reset(void);

@@ -42,6 +42,23 @@
 #define ETCD_MAX_BODY_MB	4
 #define ETCD_MAX_BODY		(ETCD_MAX_BODY_MB * 1024 * 1024)
 
+/*
+ * libcurl before 8.0.0 (Debian 12 has 7.88.1) cannot reuse a connection
+ * opened with HTTP/2 prior knowledge: the second request on it fails with
+ * "Error in the HTTP2 framing layer" (curl issue 10634) before the request
+ * is sent, and the connection is spoilt.  So a request to a host that has
+ * had an HTTP/2 connection asks for HTTP/2 without prior knowledge, which
+ * rides the open connection.  If that connection is gone, curl opens a new
+ * one with an HTTP/1.1 upgrade, which etcd ignores: the header callback
+ * aborts that answer, and the request is sent again with prior knowledge on
+ * a fresh connection.  A request with prior knowledge that meets the bug is
+ * sent again the same way.  Both are safe: etcd has not run the call.
+ */
+#if LIBCURL_VERSION_NUM < 0x080000
+#define H2C_REUSE_BUG 1
+#endif
+#define H2_HOSTS			16
+
 struct EtcdMulti
 {
 	CURLM	   *multi;
@@ -51,6 +68,8 @@ struct EtcdMulti
 	/* latch, postmaster and sockets; rebuilt only when the sockets change */
 	WaitEventSet *set;
 	bool		set_stale;
+	/* http:// hosts ("http://host:port") with an HTTP/2 connection in the pool */
+	char		h2_hosts[H2_HOSTS][128];
 };
 
 /*
@@ -71,6 +90,15 @@ struct EtcdTransfer
 	CURLcode	code;
 	char		errbuf[CURL_ERROR_SIZE];
 	char	   *header_token;	/* the token in headers, malloc'd */
+	bool		header_grpc;	/* headers are gRPC's */
+	bool		grpc;			/* this request is a gRPC call */
+	int			grpc_status;	/* from the headers or trailers; -1: none */
+	char		grpc_message[256];
+	bool		retried;		/* restarted once, see H2C_REUSE_BUG */
+	bool		h2_guess;		/* HTTP/2 asked for without prior knowledge */
+	bool		h1_answer;		/* ... and refused an HTTP/1 answer */
+	char		host[128];		/* "http://host:port", for H2C_REUSE_BUG */
+	EtcdMulti  *multi;			/* the multi handle it was started on */
 };
 
 /* TLS settings (GUCs) */
@@ -87,7 +115,15 @@ static int	multi_socket_cb(CURL *easy, curl_socket_t s, int what, void *userp,
 							void *socketp);
 static size_t transfer_write_cb(char *ptr, size_t size, size_t nmemb,
 								void *userdata);
-static void transfer_headers(EtcdTransfer *t, const char *token);
+#ifdef H2C_REUSE_BUG
+static void url_host(const char *url, char *host, size_t size);
+static int	h2_host_find(EtcdMulti *m, const char *host);
+static void h2_host_set(EtcdMulti *m, const char *host, bool open);
+static void h2c_retry(EtcdMulti *m, EtcdTransfer *t);
+#endif
+static size_t transfer_header_cb(char *line, size_t size, size_t nitems,
+								 void *userdata);
+static void transfer_headers(EtcdTransfer *t, const char *token, bool grpc);
 static void transfer_tls(EtcdTransfer *t);
 static bool string_changed(const char *oldval, const char *newval);
 static void assign_cacert(const char *newval, void *extra);
@@ -247,6 +283,8 @@ etcd_transfer_create(void)
 	curl_easy_setopt(e, CURLOPT_PRIVATE, t);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, transfer_write_cb);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, t);
+	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, transfer_header_cb);
+	curl_easy_setopt(e, CURLOPT_HEADERDATA, t);
 	curl_easy_setopt(e, CURLOPT_ERRORBUFFER, t->errbuf);
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
 	curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
@@ -258,20 +296,84 @@ etcd_transfer_create(void)
 	return t;
 }
 
-/* Headers: JSON, and the auth token when there is one (none when auth is off). */
+/*
+ * Headers of the answer, and over HTTP/2 its trailers: we only want gRPC's
+ * status and message.  Never ereport here.
+ */
+static size_t
+transfer_header_cb(char *line, size_t size, size_t nitems, void *userdata)
+{
+	EtcdTransfer *t = (EtcdTransfer *) userdata;
+	size_t		n = size * nitems;
+
+#ifdef H2C_REUSE_BUG
+	if (t->host[0] != '\0' && n > 6 && strncmp(line, "HTTP/", 5) == 0)
+	{
+		/* a status line: HTTP/2 means the host has a connection to reuse */
+		if (strncmp(line, "HTTP/2", 6) == 0)
+			h2_host_set(t->multi, t->host, true);
+		else if (t->h2_guess)
+		{
+			/* a new connection upgraded by HTTP/1.1: drop it, see above */
+			t->h1_answer = true;
+			return 0;
+		}
+	}
+#endif
+	if (n > 12 && pg_strncasecmp(line, "grpc-status:", 12) == 0)
+	{
+		char		num[16];
+		size_t		len = Min(n - 12, sizeof(num) - 1);
+		char	   *end;
+		long		v;
+
+		memcpy(num, line + 12, len);
+		num[len] = '\0';
+		v = strtol(num, &end, 10);
+		t->grpc_status = (v >= 0 && v < 1000 && end != num) ? (int) v : 2;
+	}
+	else if (n > 13 && pg_strncasecmp(line, "grpc-message:", 13) == 0)
+	{
+		const char *start = line + 13;
+		size_t		len = n - 13;
+
+		while (len > 0 && (*start == ' ' || *start == '\t'))
+			start++, len--;
+		while (len > 0 && (start[len - 1] == '\r' || start[len - 1] == '\n'))
+			len--;
+		len = Min(len, sizeof(t->grpc_message) - 1);
+		memcpy(t->grpc_message, start, len);
+		t->grpc_message[len] = '\0';
+	}
+	return n;
+}
+
+/*
+ * Headers: JSON or gRPC, and the auth token when there is one (none when
+ * auth is off).  etcd takes the token from "authorization" on both: the
+ * gateway passes that header on as gRPC metadata.
+ */
 static void
-transfer_headers(EtcdTransfer *t, const char *token)
+transfer_headers(EtcdTransfer *t, const char *token, bool grpc)
 {
 	char	   *line;
 
-	if (t->headers != NULL &&
+	if (t->headers != NULL && t->header_grpc == grpc &&
 		((token == NULL && t->header_token == NULL) ||
 		 (token && t->header_token && strcmp(token, t->header_token) == 0)))
 		return;
 	curl_slist_free_all(t->headers);
 	free(t->header_token);
 	t->header_token = NULL;
-	t->headers = curl_slist_append(NULL, "Content-Type: application/json");
+	t->header_grpc = grpc;
+	if (grpc)
+	{
+		t->headers = curl_slist_append(NULL, "Content-Type: application/grpc");
+		/* gRPC servers refuse a client that does not take trailers */
+		t->headers = curl_slist_append(t->headers, "TE: trailers");
+	}
+	else
+		t->headers = curl_slist_append(NULL, "Content-Type: application/json");
 	/* no "Expect: 100-continue" round trip for larger bodies */
 	t->headers = curl_slist_append(t->headers, "Expect:");
 	if (token)
@@ -317,22 +419,24 @@ transfer_tls(EtcdTransfer *t)
 }
 
 /*
- * Start a POST of body to url, with token (NULL: none) as etcd's
- * Authorization header.  timeout_ms bounds the whole transfer (0: no
- * limit, for streams).  Never raises an ERROR: a transfer that cannot
- * start is done at once, as a transport failure.
+ * Start a POST of body[0..len) to url, with token (NULL: none) as etcd's
+ * Authorization header; as a gRPC call over HTTP/2 when grpc is set.
+ * timeout_ms bounds the whole transfer (0: no limit, for streams).  Never
+ * raises an ERROR: a transfer that cannot start is done at once, as a
+ * transport failure.
  */
 void
 etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
-					const char *body, const char *token,
-					long timeout_ms, long connect_timeout_ms)
+					const char *body, size_t len, const char *token,
+					bool grpc, long timeout_ms, long connect_timeout_ms)
 {
 	CURLMcode	rc;
+	long		version;
 
 	if (t->active)
 		etcd_transfer_stop(m, t);
 
-	transfer_headers(t, token);
+	transfer_headers(t, token, grpc);
 	transfer_tls(t);
 
 	t->len = 0;
@@ -341,9 +445,39 @@ etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
 	t->done = false;
 	t->code = CURLE_OK;
 	t->errbuf[0] = '\0';
+	t->grpc = grpc;
+	t->grpc_status = -1;
+	t->grpc_message[0] = '\0';
 
+	/*
+	 * gRPC needs HTTP/2: on http:// with prior knowledge (etcd serves both on
+	 * one port), on https:// through ALPN.  JSON keeps curl's default.
+	 */
+	t->multi = m;
+	t->retried = false;
+	t->h2_guess = false;
+	t->h1_answer = false;
+	t->host[0] = '\0';
+	if (!grpc)
+		version = CURL_HTTP_VERSION_NONE;
+	else if (strncmp(url, "https://", 8) == 0)
+		version = CURL_HTTP_VERSION_2TLS;
+	else
+	{
+		version = CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE;
+#ifdef H2C_REUSE_BUG
+		url_host(url, t->host, sizeof(t->host));
+		if (h2_host_find(m, t->host) >= 0)
+		{
+			version = CURL_HTTP_VERSION_2_0;
+			t->h2_guess = true;
+		}
+#endif
+	}
+	curl_easy_setopt(t->easy, CURLOPT_HTTP_VERSION, version);
+	curl_easy_setopt(t->easy, CURLOPT_FRESH_CONNECT, 0L);
 	curl_easy_setopt(t->easy, CURLOPT_URL, url);
-	curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
+	curl_easy_setopt(t->easy, CURLOPT_POSTFIELDSIZE, (long) len);
 	curl_easy_setopt(t->easy, CURLOPT_COPYPOSTFIELDS, body);
 	curl_easy_setopt(t->easy, CURLOPT_TIMEOUT_MS, timeout_ms);
 	curl_easy_setopt(t->easy, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout_ms);
@@ -483,9 +617,96 @@ etcd_multi_wait(EtcdMulti *m, long max_wait_ms, EtcdWait what)
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
 		t->done = true;
 		t->code = msg->data.result;
+#ifdef H2C_REUSE_BUG
+		if (t->host[0] != '\0')
+			h2c_retry(m, t);
+#endif
 	}
 	return latch_set;
 }
+
+#ifdef H2C_REUSE_BUG
+/* The "http://host:port" part of an http:// URL, or "". */
+static void
+url_host(const char *url, char *host, size_t size)
+{
+	const char *slash = strchr(url + 7, '/');
+	size_t		len = slash ? (size_t) (slash - url) : strlen(url);
+
+	host[0] = '\0';
+	if (strncmp(url, "http://", 7) == 0 && len < size)
+	{
+		memcpy(host, url, len);
+		host[len] = '\0';
+	}
+}
+
+static int
+h2_host_find(EtcdMulti *m, const char *host)
+{
+	int			i;
+
+	for (i = 0; i < H2_HOSTS; i++)
+		if (strcmp(m->h2_hosts[i], host) == 0)
+			return i;
+	return -1;
+}
+
+/* Whether host has an HTTP/2 connection in m's pool. */
+static void
+h2_host_set(EtcdMulti *m, const char *host, bool open)
+{
+	int			i = h2_host_find(m, host);
+
+	if (open && i < 0)
+	{
+		/* a free entry, or else the first */
+		i = Max(h2_host_find(m, ""), 0);
+		strlcpy(m->h2_hosts[i], host, sizeof(m->h2_hosts[i]));
+	}
+	else if (!open && i >= 0)
+		m->h2_hosts[i][0] = '\0';
+}
+
+/*
+ * A gRPC transfer to an http:// host ended: if it met curl's bug or an
+ * HTTP/1.1 answer, learn that, and send it again once, with prior knowledge
+ * on a fresh connection.  Never raises an ERROR.
+ */
+static void
+h2c_retry(EtcdMulti *m, EtcdTransfer *t)
+{
+	if (t->code == CURLE_OK || t->retried)
+		return;
+	if (t->h1_answer)
+		h2_host_set(m, t->host, false); /* no HTTP/2 connection was left */
+	else if (!t->h2_guess && t->code == CURLE_HTTP2)
+		h2_host_set(m, t->host, true);	/* there was one, now spoilt */
+	else
+		return;
+
+	curl_multi_remove_handle(m->multi, t->easy);
+	t->retried = true;
+	t->h2_guess = false;
+	t->h1_answer = false;
+	t->done = false;
+	t->code = CURLE_OK;
+	t->len = t->consumed = 0;
+	t->too_big = false;
+	t->errbuf[0] = '\0';
+	t->grpc_status = -1;
+	t->grpc_message[0] = '\0';
+	curl_easy_setopt(t->easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
+	curl_easy_setopt(t->easy, CURLOPT_FRESH_CONNECT, 1L);
+	if (curl_multi_add_handle(m->multi, t->easy) != CURLM_OK)
+	{
+		t->active = false;
+		t->done = true;
+		t->code = CURLE_FAILED_INIT;
+		snprintf(t->errbuf, sizeof(t->errbuf), "could not restart the request");
+	}
+}
+#endif
 
 /* Drop a multi handle and every connection in its pool. */
 void
@@ -512,6 +733,9 @@ etcd_transfer_result(EtcdTransfer *t, EtcdHttpResult *r)
 	r->too_big = t->too_big;
 	r->body = t->buf ? t->buf : "";
 	r->len = t->len;
+	r->grpc = t->grpc;
+	r->grpc_status = t->grpc_status;
+	r->grpc_message = t->grpc_message;
 	if (t->too_big)
 		r->error = "The response is larger than " CppAsString2(ETCD_MAX_BODY_MB) " MB, more than etcd ever sends.";
 	else if (t->code != CURLE_OK)
@@ -521,30 +745,26 @@ etcd_transfer_result(EtcdTransfer *t, EtcdHttpResult *r)
 }
 
 /*
- * The next complete line of a streamed answer, without its newline, or NULL
- * when none has arrived yet.  The line stays valid until the next call, or
- * the next etcd_multi_wait() (which may grow the buffer).
+ * What a streamed answer has brought that the caller has not consumed yet.
+ * Valid until the next etcd_multi_wait(), which may grow the buffer.
  */
 char *
-etcd_transfer_next_line(EtcdTransfer *t, size_t *len)
+etcd_transfer_unread(EtcdTransfer *t, size_t *len)
 {
-	char	   *start;
-	char	   *nl;
+	*len = t->len - t->consumed;
+	return t->buf + t->consumed;
+}
 
-	if (t->consumed == t->len)
+/* The caller is done with n more bytes of the stream. */
+void
+etcd_transfer_consume(EtcdTransfer *t, size_t n)
+{
+	t->consumed += n;
+	if (t->consumed >= t->len)
 	{
 		/* all read: start the buffer over, so a long stream stays small */
 		t->consumed = t->len = 0;
-		return NULL;
 	}
-	start = t->buf + t->consumed;
-	nl = memchr(start, '\n', t->len - t->consumed);
-	if (nl == NULL)
-		return NULL;
-	*nl = '\0';
-	*len = nl - start;
-	t->consumed = (nl - t->buf) + 1;
-	return start;
 }
 
 /* ----------------------------------------------------------------
@@ -698,7 +918,8 @@ etcd_http_report(int elevel, int curl_code, const char *error,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
 					 errmsg("connection to etcd at %s failed", endpoint),
 					 errdetail_internal("%s", error),
-					 strncmp(endpoint, "https://", 8) != 0 ? 0 :
+					 strncmp(endpoint, "https://", 8) != 0 ?
+					 errhint("An http:// endpoint that points at a TLS port does this.") :
 					 tls_cert[0] ?
 					 errhint("etcd may have refused the client certificate \"%s\" set in etcd_lock.cert.",
 							 tls_cert) :

@@ -40,6 +40,9 @@ typedef struct EtcdHttpResult
 	const char *body;			/* the answer, NUL-terminated */
 	size_t		len;
 	const char *error;			/* curl's text when curl_code is not OK */
+	bool		grpc;			/* it was a gRPC call */
+	int			grpc_status;	/* grpc-status, -1 when there was none */
+	const char *grpc_message;	/* grpc-message, still percent-encoded */
 } EtcdHttpResult;
 
 extern void etcd_http_define_settings(void);
@@ -52,13 +55,14 @@ extern bool etcd_multi_wait(EtcdMulti *m, long max_wait_ms, EtcdWait what);
 
 extern EtcdTransfer *etcd_transfer_create(void);
 extern void etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
-								const char *body, const char *token,
-								long timeout_ms, long connect_timeout_ms);
+								const char *body, size_t len, const char *token,
+								bool grpc, long timeout_ms, long connect_timeout_ms);
 extern void etcd_transfer_stop(EtcdMulti *m, EtcdTransfer *t);
 extern bool etcd_transfer_done(EtcdTransfer *t);
 extern bool etcd_transfer_active(EtcdTransfer *t);
 extern void etcd_transfer_result(EtcdTransfer *t, EtcdHttpResult *r);
-extern char *etcd_transfer_next_line(EtcdTransfer *t, size_t *len);
+extern char *etcd_transfer_unread(EtcdTransfer *t, size_t *len);
+extern void etcd_transfer_consume(EtcdTransfer *t, size_t n);
 
 extern bool etcd_http_failure_is_ours(int curl_code);
 extern void etcd_http_report(int elevel, int curl_code, const char *error,

@@ -66,6 +66,11 @@ typedef enum AttemptKind
 	ATTEMPT_AUTH
 } AttemptKind;
 
+/* the etcd request of each kind of attempt */
+static const char *const attempt_paths[] = {
+	"/v3/lease/keepalive", "/v3/lease/revoke", "/v3/auth/authenticate"
+};
+
 /* One request in flight. */
 typedef struct Attempt
 {
@@ -210,22 +215,19 @@ static void
 start_attempt(Attempt *a, AttemptKind kind, int slot, int64 lease_id,
 			  int endpoint, long timeout_ms)
 {
-	static const char *const paths[] = {
-		"/v3/lease/keepalive", "/v3/lease/revoke", "/v3/auth/authenticate"
-	};
 	char	   *body;
-	char	   *url;
+	size_t		len;
 
 	if (kind == ATTEMPT_AUTH)
 	{
 		EtcdResult	res;
 
-		body = etcd_auth_body(&res);
+		body = etcd_auth_body(&res, &len);
 		if (body == NULL)
 		{
 			/* the password file could not be read: try again later */
 			etcd_report(password_reported == etcd_auth_generation() ? DEBUG1 : LOG,
-						paths[kind], &res);
+						attempt_paths[kind], &res);
 			password_reported = etcd_auth_generation();
 			auth_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 														REVOKE_RETRY_MS);
@@ -233,15 +235,19 @@ start_attempt(Attempt *a, AttemptKind kind, int slot, int64 lease_id,
 		}
 	}
 	else
-		body = psprintf("{\"ID\":\"" INT64_FORMAT "\"}", lease_id);
-	url = psprintf("%s%s", etcd_endpoint(endpoint), paths[kind]);
+	{
+		cJSON	   *req = cJSON_CreateObject();
+
+		etcd_json_add_int64(req, "ID", lease_id);
+		body = etcd_request_body(attempt_paths[kind], req, &len);
+	}
 
 	/* keepalives need no token; revokes do; authenticating sends none */
-	etcd_transfer_start(multi, a->transfer, url, body,
+	etcd_transfer_begin(multi, a->transfer, endpoint, attempt_paths[kind], body, len,
 						kind == ATTEMPT_REVOKE ? etcd_auth_token() : NULL,
-						timeout_ms, etcd_lock_request_timeout);
+						timeout_ms);
 	if (kind == ATTEMPT_AUTH)
-		memset(body, 0, strlen(body));	/* it holds the password */
+		memset(body, 0, len);	/* it holds the password */
 	a->in_use = true;
 	a->kind = kind;
 	a->slot = slot;
@@ -279,7 +285,7 @@ finish_attempt(Attempt *a)
 	bool		ok;
 	TimestampTz now = GetCurrentTimestamp();
 
-	ok = etcd_result_read(a->transfer, &res);
+	ok = etcd_result_read(a->transfer, attempt_paths[a->kind], &res);
 	res.endpoint = pstrdup(etcd_endpoint(a->endpoint));
 	etcd_transfer_stop(multi, a->transfer);
 	a->in_use = false;

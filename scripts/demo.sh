@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The demo, from a fresh Debian 12 machine, as root:
 #   bash scripts/demo.sh
-# Installs what it needs, builds and installs etcd_lock, starts a local etcd
-# and a throwaway PostgreSQL with the extension, and shows sessions
-# contending for one lock, with timestamps.  Everything it starts or creates
-# is stopped and removed when it exits, also on failure.
+# Installs what it needs (and only that), builds and installs etcd_lock,
+# starts an etcd and a throwaway PostgreSQL with the extension, both on free
+# ports, and shows sessions contending for one lock, with timestamps.
+# Everything it starts or creates is stopped and removed when it exits, also
+# on failure or Ctrl-C.  Debian's own "15 main" cluster and etcd service,
+# which the packages set up, are left as they are: the README's Installing
+# section uses them (see scripts/lib.sh).
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 . "$src/scripts/lib.sh"
+cd /
 
 if [ "$(id -u)" != 0 ]; then
     echo "run this as root: it installs packages and the extension" >&2
@@ -16,7 +20,6 @@ fi
 
 NAME=com.example.Order
 work=
-build=
 pg_data=
 declare -A sess_pid=() sess_fd=() sess_shown=() sess_marks=()
 bg_pids=()
@@ -32,24 +35,25 @@ cleanup() {
             tail -n 20 "$f" >&2
         done
     fi
-    for s in "${!sess_fd[@]}"; do
-        fd=${sess_fd[$s]}
-        exec {fd}>&- 2>/dev/null
-    done
-    for p in "${sess_pid[@]}" "${bg_pids[@]}"; do
-        kill "$p" 2>/dev/null
-    done
-    if [ -n "$pg_data" ] && [ -f "$pg_data/postmaster.pid" ]; then
-        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null 2>&1
-    fi
-    if [ -n "${ETCD_PID:-}" ]; then
-        kill "$ETCD_PID" 2>/dev/null
-        wait "$ETCD_PID" 2>/dev/null
-    fi
-    wait 2>/dev/null
+    # quietly: bash would report each background job that a Ctrl-C killed
+    {
+        for s in "${!sess_fd[@]}"; do
+            fd=${sess_fd[$s]}
+            exec {fd}>&-
+        done
+        for p in "${sess_pid[@]}" "${bg_pids[@]}"; do
+            kill "$p"
+        done
+        if [ -n "$pg_data" ] && [ -f "$pg_data/postmaster.pid" ]; then
+            as_postgres "$PG_BIN/pg_ctl" -D "$pg_data" -m fast -w stop >/dev/null
+        fi
+        stop_etcd
+        wait
+    } 2>/dev/null
     [ -n "$work" ] && rm -rf "$work"
-    [ -n "$build" ] && rm -rf "$build"
-    if [ "$status" != 0 ]; then
+    if [ "$status" = 130 ] || [ "$status" = 143 ]; then
+        echo "demo.sh: interrupted; stopped and removed what it had started" >&2
+    elif [ "$status" != 0 ]; then
         echo "demo.sh: FAILED (exit status $status)" >&2
     fi
     exit "$status"
@@ -202,23 +206,24 @@ waiting_on() {
 # ---------------------------------------------------------------------------
 heading "Setting up: packages, build, etcd, PostgreSQL"
 
-echo "installing packages (apt-get) ..."
-install_packages
-echo "building and installing etcd_lock ..."
-build=$(build_and_install "$src")
-
 work=$(mktemp -d /tmp/etcd_lock_demo.XXXXXX)
+apt_install "${DEMO_PACKAGES[@]}"
 chown postgres: "$work"
+echo "building and installing etcd_lock ..."
+build_and_install "$src" "$work/build" >/dev/null
 start_etcd "$work/etcd"
 ETCDCTL=(env ETCDCTL_API=3 etcdctl --endpoints="$ETCD_URL")
 echo "etcd $(etcd --version | sed -n 's/^etcd Version: //p') is serving at $ETCD_URL"
+echo "(Debian's own PostgreSQL cluster \"15 main\" and etcd service are left as the"
+echo " packages set them up, for the README's Installing section: this demo runs"
+echo " its own, on free ports, and removes them when it ends.)"
 
 pg_data=$work/pg
 pg_port=$(free_port)
 PSQL=("$PG_BIN/psql" -X -h "$work/sock" -p "$pg_port" -U postgres -d postgres)
 mkdir "$work/sock"
 chown postgres: "$work/sock"
-runuser -u postgres -- "$PG_BIN/initdb" -D "$pg_data" -U postgres -A trust \
+as_postgres "$PG_BIN/initdb" -D "$pg_data" -U postgres -A trust \
     -E UTF8 --locale=C.UTF-8 --no-sync >"$work/initdb.log" 2>&1 ||
     { cat "$work/initdb.log" >&2; die "initdb failed"; }
 cat >>"$pg_data/postgresql.conf" <<CONF
@@ -230,7 +235,7 @@ unix_socket_directories = '$work/sock'
 shared_preload_libraries = 'etcd_lock'
 etcd_lock.endpoints = '$ETCD_URL'
 CONF
-runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$pg_data" -l "$work/postgresql.log" -w start >/dev/null ||
+as_postgres "$PG_BIN/pg_ctl" -D "$pg_data" -l "$work/postgresql.log" -w start >/dev/null ||
     { cat "$work/postgresql.log" >&2; die "PostgreSQL did not start"; }
 echo "PostgreSQL $(value 'SHOW server_version') is running in $pg_data (socket in $work/sock, port $pg_port)"
 echo "its postgresql.conf ends with:"
@@ -432,4 +437,4 @@ session_close F
 run "SELECT * FROM etcd_lock_stats"
 
 heading "Done"
-echo "Stopping PostgreSQL and etcd, removing $work and $build."
+echo "Stopping PostgreSQL and etcd, removing $work."

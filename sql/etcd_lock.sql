@@ -87,10 +87,11 @@ SET ROLE regress_etcd_lock_user;
 SELECT expect_error($$SET etcd_lock.prefix = ''$$);
 SELECT expect_error($$SET etcd_lock.endpoints = 'http://127.0.0.1:1'$$);
 SELECT expect_error($$SHOW etcd_lock.password_file$$);
--- an ordinary user can lock, and sees the views
-SELECT etcd_unlock(etcd_lock('user-lock'));
-SELECT worker_pid > 0 AS worker_runs, last_renewal IS NULL OR last_renewal <= now() AS renewal_seen
-  FROM etcd_lock_stats;
+-- an ordinary user can lock, and sees its lock in the views
+SELECT etcd_lock('user-lock') AS uh \gset
+SELECT key, state, handle = :'uh' AS same_handle FROM etcd_locks WHERE pid = pg_backend_pid();
+SELECT worker_pid > 0 AS worker_runs, locks >= 1 AS lock_counted FROM etcd_lock_stats;
+SELECT etcd_unlock(:'uh');
 RESET ROLE;
 DROP ROLE regress_etcd_lock_user;
 

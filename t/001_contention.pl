@@ -6,28 +6,24 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time);
 
-my $etcd = EtcdServer->new(name => 'contention');
-my $node = EtcdServer::pg_node('contention', $etcd->url);
+my $etcd = EtcdLockTest::Etcd->new(name => 'contention');
+my $node = pg_node('contention', $etcd->url);
 
-my $s1 = $node->background_psql('postgres');
-my $s2 = $node->background_psql('postgres');
+my $s1 = session($node);
+my $s2 = session($node);
 
 my $h1 = $s1->query_safe(q{SELECT etcd_lock('orders')});
 like($h1, qr{^etcd_lock/orders/[0-9a-f]+$}, 'session 1 holds the lock');
 is_deeply([ $etcd->keys('etcd_lock/orders/') ], [$h1], 'one key in etcd, the handle');
 
 # session 2 queues behind it
-$s2->query_until(qr/waiting/, q{
-\echo waiting
-SELECT etcd_lock('orders') AS h2 \gset
-\echo acquired :h2
-});
+$s2->start(q{SELECT etcd_lock('orders')});
 $node->poll_query_until('postgres',
 	q{SELECT count(*) = 1 FROM etcd_locks WHERE key = 'orders' AND state = 'waiting'})
   or die 'session 2 is not waiting';
@@ -41,9 +37,10 @@ is($node->safe_psql('postgres',
 
 my $t0 = time;
 $s1->query_safe(qq{SELECT etcd_unlock('$h1')});
-$s2->query_until(qr/acquired (\S+)/, '');
+my (undef, $h2) = $s2->finish;
 my $handoff_ms = (time - $t0) * 1000;
 note sprintf('handoff after unlock: %.1f ms (includes psql round trips)', $handoff_ms);
+like($h2, qr{^etcd_lock/orders/[0-9a-f]+$}, 'session 2 gets a handle once session 1 unlocked');
 is($node->safe_psql('postgres',
 		q{SELECT count(*) FROM etcd_locks WHERE key = 'orders' AND state = 'held'}),
 	'1', 'session 2 holds the lock after session 1 unlocked');
@@ -58,13 +55,10 @@ $node->safe_psql('postgres', q{CREATE TABLE fifo (i int, at timestamptz)});
 my @w;
 for my $i (1 .. 3)
 {
-	my $s = $node->background_psql('postgres');
-	$s->query_until(qr/queued/, qq{
-\\echo queued
-SELECT etcd_lock('orders');
+	my $s = session($node);
+	$s->start(qq{SELECT etcd_lock('orders');
 INSERT INTO fifo VALUES ($i, clock_timestamp());
-SELECT etcd_unlock_all();
-});
+SELECT etcd_unlock_all();});
 	$node->poll_query_until('postgres',
 		qq{SELECT count(*) = $i FROM etcd_locks WHERE key = 'orders' AND state = 'waiting'})
 	  or die "waiter $i did not queue";
@@ -82,7 +76,7 @@ $s1->quit;
 $node->poll_query_until('postgres', q{SELECT count(*) = 0 FROM etcd_locks})
   or die 'locks left behind';
 is(scalar($etcd->keys('etcd_lock/')), 0, 'no key left in etcd');
-ok($etcd->poll_until('no lease left', sub { scalar($etcd->leases) == 0 }),
+ok(poll_until(sub { scalar($etcd->leases) == 0 }, undef, 'no lease left'),
 	'no lease left in etcd');
 
 $node->stop;

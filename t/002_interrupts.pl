@@ -9,48 +9,42 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
 # generous bound for "promptly": no speed is asserted beyond this
 my $PROMPT = 10;
 
-my $etcd = EtcdServer->new(name => 'interrupts');
-my $node = EtcdServer::pg_node('interrupts', $etcd->url);
+my $etcd = EtcdLockTest::Etcd->new(name => 'interrupts');
+my $node = pg_node('interrupts', $etcd->url);
 
-# Poll (bounded: a timeout case only waits a few seconds) until the session
-# shows up as waiting in etcd_locks.
+# Wait until the session shows up as waiting in etcd_locks; bounded, as a
+# timeout case only waits a few seconds.
 sub wait_for_waiter
 {
 	my ($pid, $what) = @_;
-	my $end = time + $PROMPT;
-	my $seen;
-	while (1)
-	{
-		$seen = $node->safe_psql('postgres',
-			qq{SELECT count(*) FROM etcd_locks WHERE pid = $pid AND state = 'waiting'});
-		last if $seen eq '1' || time > $end;
-		usleep(50_000);
-	}
-	is($seen, '1', "$what: session B is waiting");
+	ok( poll_until(sub {
+				$node->safe_psql('postgres',
+					qq{SELECT count(*) FROM etcd_locks WHERE pid = $pid AND state = 'waiting'}) eq '1'
+			}, $PROMPT, "$what: session B to wait"),
+		"$what: session B is waiting");
 	return;
 }
 
 # Session A holds the lock "busy" for the whole test.
-my $sa = $node->background_psql('postgres');
-my $a_pid = $sa->query_safe('SELECT pg_backend_pid()');
+my $sa = session($node);
+my $a_pid = $sa->pid;
 my $ha = $sa->query_safe(q{SELECT etcd_lock('busy')});
 like($ha, qr{^etcd_lock/busy/[0-9a-f]+$}, 'session A holds "busy"');
-my $a_lease = EtcdServer::lease_of($ha);
+my $a_lease = lease_of($ha);
 is_deeply([ $etcd->leases ], [$a_lease], "etcd has one lease, A's");
 
-# Session B keeps going after errors and prints SQLSTATEs.
-my $sb = $node->background_psql('postgres', on_error_stop => 0);
-$sb->query_safe('\set VERBOSITY verbose');
-my $b_pid = $sb->query_safe('SELECT pg_backend_pid()');
+# Session B: errors come back with their SQLSTATEs.
+my $sb = session($node);
+my $b_pid = $sb->pid;
 
 # On failure, show what the extra leases are: their TTL, their keys, and
 # whether this server still renews them.
@@ -114,12 +108,12 @@ sub reset_b
 }
 
 # (a) pg_cancel_backend
-EtcdServer::start_statement($sb, q{SELECT etcd_lock('busy');});
+$sb->start(q{SELECT etcd_lock('busy');});
 wait_for_waiter($b_pid, 'cancel');
 is(scalar($etcd->keys('etcd_lock/busy/')), 2, 'cancel: the waiter has its own key in etcd');
 my $t0 = time;
 is($node->safe_psql('postgres', "SELECT pg_cancel_backend($b_pid)"), 't', 'cancel sent');
-my ($done, $out, $err) = EtcdServer::finish_statement($sb, $PROMPT);
+my ($done, $out, $err) = $sb->finish($PROMPT);
 my $elapsed = time - $t0;
 ok($done, 'cancel: the wait ended');
 like($err, qr/ERROR:  57014: canceling statement due to user request/,
@@ -132,9 +126,9 @@ reset_b();
 # (b) statement_timeout
 $sb->query_safe(q{SET statement_timeout = '3s'});
 $t0 = time;
-EtcdServer::start_statement($sb, q{SELECT etcd_lock('busy');});
+$sb->start(q{SELECT etcd_lock('busy');});
 wait_for_waiter($b_pid, 'statement_timeout');
-($done, $out, $err) = EtcdServer::finish_statement($sb, 3 + $PROMPT);
+($done, $out, $err) = $sb->finish(3 + $PROMPT);
 $elapsed = time - $t0;
 ok($done, 'statement_timeout: the wait ended');
 like($err, qr/ERROR:  57014: canceling statement due to statement timeout/,
@@ -149,9 +143,9 @@ reset_b();
 # (c) lock_timeout
 $sb->query_safe(q{SET lock_timeout = '3s'});
 $t0 = time;
-EtcdServer::start_statement($sb, q{SELECT etcd_lock('busy');});
+$sb->start(q{SELECT etcd_lock('busy');});
 wait_for_waiter($b_pid, 'lock_timeout');
-($done, $out, $err) = EtcdServer::finish_statement($sb, 3 + $PROMPT);
+($done, $out, $err) = $sb->finish(3 + $PROMPT);
 $elapsed = time - $t0;
 ok($done, 'lock_timeout: the wait ended');
 like($err, qr/ERROR:  55P03: canceling statement due to lock timeout/,
@@ -165,12 +159,12 @@ reset_b();
 
 # (d) etcd_try_lock whose wait interval runs out: NULL, no error
 $t0 = time;
-EtcdServer::start_statement($sb, q{SELECT etcd_try_lock('busy', NULL, '2 s') IS NULL AS got_null;});
+$sb->start(q{SELECT etcd_try_lock('busy', NULL, '2 s') IS NULL AS got_null;});
 wait_for_waiter($b_pid, 'try_lock');
-($done, $out, $err) = EtcdServer::finish_statement($sb, 2 + $PROMPT);
+($done, $out, $err) = $sb->finish(2 + $PROMPT);
 $elapsed = time - $t0;
 ok($done, 'try_lock: the wait ended');
-is($out, "t\n", 'try_lock: NULL when the wait interval runs out');
+is($out, 't', 'try_lock: NULL when the wait interval runs out');
 is($err, '', 'try_lock: no error or warning');
 cmp_ok($elapsed, '>=', 2, 'try_lock: waited the whole interval');
 cmp_ok($elapsed, '<', 2 + $PROMPT, 'try_lock: returned promptly after the interval');
@@ -181,11 +175,11 @@ reset_b();
 # (e) a cancelled wait must not take B's other lock with it: both ride on the
 # same lease (same ttl), so the lease stays and only the waiter key goes.
 my $hb = $sb->query_safe(q{SELECT etcd_lock('mine')});
-my $b_lease = EtcdServer::lease_of($hb);
-EtcdServer::start_statement($sb, q{SELECT etcd_lock('busy');});
+my $b_lease = lease_of($hb);
+$sb->start(q{SELECT etcd_lock('busy');});
 wait_for_waiter($b_pid, 'cancel with another lock');
 is($node->safe_psql('postgres', "SELECT pg_cancel_backend($b_pid)"), 't', 'second cancel sent');
-($done, $out, $err) = EtcdServer::finish_statement($sb, $PROMPT);
+($done, $out, $err) = $sb->finish($PROMPT);
 ok($done, 'cancel with another lock: the wait ended');
 like($err, qr/ERROR:  57014: canceling statement due to user request/,
 	'cancel with another lock: SQLSTATE 57014');
@@ -197,10 +191,8 @@ reset_b();
 
 $sb->quit;
 $sa->quit;
-ok($etcd->poll_until('no key left', sub { scalar($etcd->keys('etcd_lock/')) == 0 }),
-	'no key left in etcd at the end');
-ok($etcd->poll_until('no lease left', sub { scalar($etcd->leases) == 0 }),
-	'no lease left in etcd at the end');
+$etcd->wait_empty('etcd_lock/');
+$etcd->no_leftovers('at the end', 'etcd_lock/');
 
 $node->stop;
 done_testing();

@@ -8,20 +8,20 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
 # Release must come from revocation, not from expiry: release tests use a
 # long ttl and poll for at most $RELEASE_BOUND seconds, well below it.
 my $LONG_TTL = 120;
 my $RELEASE_BOUND = 20;
 
-my $etcd = EtcdServer->new(name => 'session_end');
+my $etcd = EtcdLockTest::Etcd->new(name => 'session_end');
 # the test framework turns restart_after_crash off; (c) needs it on
-my $node = EtcdServer::pg_node('session_end', $etcd->url, "restart_after_crash = on\n");
+my $node = pg_node('session_end', $etcd->url, "restart_after_crash = on\n");
 
 sub has_lease
 {
@@ -29,40 +29,28 @@ sub has_lease
 	return scalar grep { $_ eq $lease } $etcd->leases;
 }
 
-# A background session that the server ended: reap its psql.
-sub reap
-{
-	my ($s) = @_;
-	eval { $s->{run}->finish; };
-	return;
-}
-
 # ---------------------------------------------------------------------------
 # (a) renewal: a ttl-2 lock stays held while its session idles for 10 s
 # ---------------------------------------------------------------------------
-my $s1 = $node->background_psql('postgres');
-my $s1_pid = $s1->query_safe('SELECT pg_backend_pid()');
-my $ka0 = EtcdServer::stat_value($node, 'keepalives');
+my $s1 = session($node);
+my $s1_pid = $s1->pid;
+my $ka0 = stat_value($node, 'keepalives');
 my $h1 = $s1->query_safe(q{SELECT etcd_lock('renew', 2)});
 like($h1, qr{^etcd_lock/renew/[0-9a-f]+$}, 'renewal: ttl-2 lock taken');
-my $l1 = EtcdServer::lease_of($h1);
+my $l1 = lease_of($h1);
 like($etcd->etcdctl('lease', 'timetolive', $l1), qr/granted with TTL\(2s\)/,
 	'renewal: etcd granted a 2 s lease');
 
-my ($checks, $missing) = (0, 0);
-my $t0 = time;
-while (time - $t0 < 10)
-{
-	my @k = $etcd->keys($h1);
-	$checks++;
-	$missing++ unless @k == 1 && $k[0] eq $h1;
-	usleep(200_000);
-}
+my $missing = 0;
+my $checks = sample_for(10, 0.2, sub {
+		my @k = $etcd->keys($h1);
+		$missing++ unless @k == 1 && $k[0] eq $h1;
+	});
 cmp_ok($checks, '>=', 10, "renewal: checked the key $checks times over 10 s");
 is($missing, 0, 'renewal: the key was in etcd at every check over 10 s (5 TTLs)');
 like($etcd->etcdctl('lease', 'timetolive', $l1), qr/remaining\([12]s\)/,
 	'renewal: the lease is still alive after 10 s');
-my $ka1 = EtcdServer::stat_value($node, 'keepalives');
+my $ka1 = stat_value($node, 'keepalives');
 note "keepalives over the idle period: " . ($ka1 - $ka0);
 # at ttl/3 that is ~15 keepalives; ask for a fraction of it
 cmp_ok($ka1 - $ka0, '>=', 5, 'renewal: etcd_lock_stats.keepalives grew');
@@ -77,49 +65,43 @@ is(scalar($etcd->keys('etcd_lock/renew/')), 0, 'renewal: unlock deleted the key'
 
 # normal end (\q) while holding; $s1 still has its ttl-2 lease cached
 my $h2 = $s1->query_safe(qq{SELECT etcd_lock('quit', $LONG_TTL)});
-my $l2 = EtcdServer::lease_of($h2);
+my $l2 = lease_of($h2);
 ok(has_lease($l2), 'quit: the lock has its lease in etcd');
 $s1->quit;
-ok( $etcd->poll_until('quit: key gone',
-		sub { scalar($etcd->keys('etcd_lock/quit/')) == 0 }, $RELEASE_BOUND),
+ok( poll_until(sub { scalar($etcd->keys('etcd_lock/quit/')) == 0 }, $RELEASE_BOUND, 'quit: key gone'),
 	'quit: the key is gone from etcd');
-ok($etcd->poll_until('quit: leases gone', sub { !has_lease($l2) && !has_lease($l1) }, $RELEASE_BOUND),
+ok(poll_until(sub { !has_lease($l2) && !has_lease($l1) }, $RELEASE_BOUND, 'quit: leases gone'),
 	'quit: the session\'s leases are revoked, the idle one included');
-ok( EtcdServer::poll_sql($node,
-		qq{SELECT count(*) FROM etcd_locks WHERE pid = $s1_pid}, '0', $RELEASE_BOUND),
+ok($node->poll_query_until('postgres', qq{SELECT count(*) = 0 FROM etcd_locks WHERE pid = $s1_pid}),
 	'quit: no etcd_locks row left');
 
 # pg_terminate_backend while holding
-my $s3 = $node->background_psql('postgres');
-my $s3_pid = $s3->query_safe('SELECT pg_backend_pid()');
+my $s3 = session($node);
+my $s3_pid = $s3->pid;
 my $h3 = $s3->query_safe(qq{SELECT etcd_lock('term-held', $LONG_TTL)});
-my $l3 = EtcdServer::lease_of($h3);
+my $l3 = lease_of($h3);
 is_deeply([ $etcd->keys('etcd_lock/term-held/') ], [$h3], 'terminate holder: key in etcd');
 is($node->safe_psql('postgres', "SELECT pg_terminate_backend($s3_pid)"), 't',
 	'terminate holder: signal sent');
-ok( $etcd->poll_until('terminate holder: key gone',
-		sub { scalar($etcd->keys('etcd_lock/term-held/')) == 0 }, $RELEASE_BOUND),
+ok( poll_until(sub { scalar($etcd->keys('etcd_lock/term-held/')) == 0 },
+		$RELEASE_BOUND, 'terminate holder: key gone'),
 	'terminate holder: the key is gone from etcd');
-ok($etcd->poll_until('terminate holder: lease gone', sub { !has_lease($l3) }, $RELEASE_BOUND),
+ok(poll_until(sub { !has_lease($l3) }, $RELEASE_BOUND, 'terminate holder: lease gone'),
 	'terminate holder: the lease is revoked');
-ok( EtcdServer::poll_sql($node,
-		qq{SELECT count(*) FROM etcd_locks WHERE pid = $s3_pid}, '0', $RELEASE_BOUND),
+ok($node->poll_query_until('postgres', qq{SELECT count(*) = 0 FROM etcd_locks WHERE pid = $s3_pid}),
 	'terminate holder: no etcd_locks row left');
-reap($s3);
+$s3->quit;
 
 # pg_terminate_backend while waiting
-my $s4 = $node->background_psql('postgres');
-my $s4_pid = $s4->query_safe('SELECT pg_backend_pid()');
+my $s4 = session($node);
+my $s4_pid = $s4->pid;
 my $h4 = $s4->query_safe(qq{SELECT etcd_lock('term-wait', $LONG_TTL)});
-my $l4 = EtcdServer::lease_of($h4);
-my $s5 = $node->background_psql('postgres');
-my $s5_pid = $s5->query_safe('SELECT pg_backend_pid()');
-$s5->query_until(qr/waiting/, qq{
-\\echo waiting
-SELECT etcd_lock('term-wait', $LONG_TTL);
-});
-ok( EtcdServer::poll_sql($node,
-		qq{SELECT count(*) FROM etcd_locks WHERE pid = $s5_pid AND state = 'waiting'}, '1', $RELEASE_BOUND),
+my $l4 = lease_of($h4);
+my $s5 = session($node);
+my $s5_pid = $s5->pid;
+$s5->start(qq{SELECT etcd_lock('term-wait', $LONG_TTL)});
+ok( $node->poll_query_until('postgres',
+		qq{SELECT count(*) = 1 FROM etcd_locks WHERE pid = $s5_pid AND state = 'waiting'}),
 	'terminate waiter: it waits');
 my $l5 = sprintf('%x',
 	$node->safe_psql('postgres', qq{SELECT lease_id FROM etcd_locks WHERE pid = $s5_pid}));
@@ -128,15 +110,13 @@ is_deeply([ sort @wkeys ], [ sort($h4, "etcd_lock/term-wait/$l5") ],
 	'terminate waiter: holder key and waiter key in etcd');
 is($node->safe_psql('postgres', "SELECT pg_terminate_backend($s5_pid)"), 't',
 	'terminate waiter: signal sent');
-ok( $etcd->poll_until('terminate waiter: waiter key gone',
-		sub { my @k = $etcd->keys('etcd_lock/term-wait/'); @k == 1 && $k[0] eq $h4 },
-		$RELEASE_BOUND),
+ok( poll_until(sub { my @k = $etcd->keys('etcd_lock/term-wait/'); @k == 1 && $k[0] eq $h4 },
+		$RELEASE_BOUND, 'terminate waiter: waiter key gone'),
 	'terminate waiter: the waiter key is gone, the holder key stays');
-ok($etcd->poll_until('terminate waiter: lease gone', sub { !has_lease($l5) }, $RELEASE_BOUND),
+ok(poll_until(sub { !has_lease($l5) }, $RELEASE_BOUND, 'terminate waiter: lease gone'),
 	'terminate waiter: the waiter\'s lease is revoked');
 ok(has_lease($l4), 'terminate waiter: the holder\'s lease stays');
-ok( EtcdServer::poll_sql($node,
-		qq{SELECT count(*) FROM etcd_locks WHERE pid = $s5_pid}, '0', $RELEASE_BOUND),
+ok($node->poll_query_until('postgres', qq{SELECT count(*) = 0 FROM etcd_locks WHERE pid = $s5_pid}),
 	'terminate waiter: no etcd_locks row left')
   or diag "left in etcd_locks for the terminated waiter:\n"
   . $node->safe_psql('postgres', qq{SELECT * FROM etcd_locks WHERE pid = $s5_pid})
@@ -144,7 +124,7 @@ ok( EtcdServer::poll_sql($node,
   . $node->safe_psql('postgres', q{SELECT * FROM etcd_lock_stats});
 is($node->safe_psql('postgres', qq{SELECT state FROM etcd_locks WHERE pid = $s4_pid}),
 	'held', 'terminate waiter: the holder still holds');
-reap($s5);
+$s5->quit;
 is($s4->query_safe(qq{SELECT etcd_unlock('$h4')}), 't', 'terminate waiter: holder unlocks');
 $s4->quit;
 
@@ -157,17 +137,16 @@ is($node->safe_psql('postgres', 'SELECT 1'), '1', 'the server still answers');
 # ---------------------------------------------------------------------------
 # (c) SIGKILL of a holder: the postmaster restarts, etcd expires the lease
 # ---------------------------------------------------------------------------
-my $s6 = $node->background_psql('postgres');
-my $s6_pid = $s6->query_safe('SELECT pg_backend_pid()');
+my $s6 = session($node);
+my $s6_pid = $s6->pid;
 my $h6 = $s6->query_safe(q{SELECT etcd_lock('killed', 2)});
-my $l6 = EtcdServer::lease_of($h6);
+my $l6 = lease_of($h6);
 is_deeply([ $etcd->keys('etcd_lock/killed/') ], [$h6], 'SIGKILL: the lock is in etcd');
 my $log_offset = -s $node->logfile;
-$t0 = time;
+my $t0 = time;
 ok(kill('KILL', $s6_pid), "SIGKILL sent to backend $s6_pid");
-reap($s6);
-ok( $etcd->poll_until('SIGKILL: key gone',
-		sub { scalar($etcd->keys('etcd_lock/killed/')) == 0 }),
+$s6->quit;
+ok( poll_until(sub { scalar($etcd->keys('etcd_lock/killed/')) == 0 }, undef, 'SIGKILL: key gone'),
 	'SIGKILL: etcd freed the lock');
 my $freed_after = time - $t0;
 note sprintf('SIGKILL: key gone %.2f s after the kill (ttl 2 s)', $freed_after);
@@ -181,9 +160,9 @@ like(slurp_file($node->logfile, $log_offset),
 	'SIGKILL: the log names the killed backend');
 my $h7 = $node->safe_psql('postgres', q{SELECT etcd_try_lock('killed')});
 like($h7, qr{^etcd_lock/killed/[0-9a-f]+$}, 'SIGKILL: another session acquires the lock');
-ok( $etcd->poll_until('no key left', sub { scalar($etcd->keys('etcd_lock/')) == 0 }, $RELEASE_BOUND),
+ok( poll_until(sub { scalar($etcd->keys('etcd_lock/')) == 0 }, $RELEASE_BOUND, 'no key left'),
 	'SIGKILL: that session ended and released it');
-ok($etcd->poll_until('no lease left', sub { scalar($etcd->leases) == 0 }, $RELEASE_BOUND),
+ok(poll_until(sub { scalar($etcd->leases) == 0 }, $RELEASE_BOUND, 'no lease left'),
 	'no lease left in etcd');
 $node->stop;
 

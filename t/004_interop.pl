@@ -8,18 +8,18 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
 # generous bound for anything that should happen promptly
 my $BOUND = 20;
 
-my $etcd = EtcdServer->new(name => 'interop');
-my $node = EtcdServer::pg_node('interop', $etcd->url);
+my $etcd = EtcdLockTest::Etcd->new(name => 'interop');
+my $node = pg_node('interop', $etcd->url);
 
 # `etcdctl lock NAME [cmd...]` in the background; its output is collected.
 sub etcdctl_lock
@@ -38,51 +38,25 @@ sub running
 	return $p->{h}->pumpable;
 }
 
-# Poll until the process's stdout matches, or it exits, or $BOUND passes.
+# Wait until the process's stdout matches, for at most $BOUND seconds;
+# false at once if it exits without that.
 sub wait_output
 {
 	my ($p, $re) = @_;
-	my $end = time + $BOUND;
-	while (time < $end)
-	{
-		$p->{h}->pump_nb if $p->{h}->pumpable;
-		return 1 if $p->{out} =~ $re;
-		last unless $p->{h}->pumpable;
-		usleep(20_000);
-	}
-	return $p->{out} =~ $re ? 1 : 0;
+	return poll_until(sub { !running($p) || $p->{out} =~ $re }, $BOUND, "etcdctl to print $re", 0.02)
+	  && $p->{out} =~ $re;
 }
 
-# Poll until the process has exited; returns whether it did.
+# Wait until the process has exited; returns whether it did.
 sub wait_exit
 {
 	my ($p) = @_;
-	my $end = time + $BOUND;
-	while (time < $end)
-	{
-		return 1 unless running($p);
-		usleep(20_000);
-	}
-	return 0;
+	return poll_until(sub { !running($p) }, $BOUND, 'etcdctl to exit', 0.02);
 }
 
-# Poll until a background psql's stdout matches.
-sub wait_psql_output
-{
-	my ($bg, $re) = @_;
-	my $end = time + $BOUND;
-	while (time < $end)
-	{
-		$bg->{run}->pump_nb;
-		return 1 if $bg->{stdout} =~ $re;
-		usleep(20_000);
-	}
-	return $bg->{stdout} =~ $re ? 1 : 0;
-}
-
-my $s = $node->background_psql('postgres');
+my $s = session($node);
 $s->query_safe(q{SET etcd_lock.prefix = ''});
-my $pid = $s->query_safe('SELECT pg_backend_pid()');
+my $pid = $s->pid;
 
 # ---------------------------------------------------------------------------
 # (a) etcdctl holds; PostgreSQL cannot take the lock until etcdctl lets go
@@ -101,28 +75,27 @@ is($s->query_safe(q{SELECT etcd_try_lock('interop-a', NULL, '300 ms') IS NULL}),
 	'etcd_try_lock with a wait returns NULL while etcdctl holds');
 is_deeply([ $etcd->keys('interop-a/') ], [$ctl_key], 'the failed timed try left no key');
 
-# no end markers: the session goes on with query_safe, which wants no stderr
-EtcdServer::start_statement($s, q{SELECT etcd_lock('interop-a') AS h \gset
-\echo acquired :h}, end_markers => 0);
-ok( EtcdServer::poll_sql($node,
-		qq{SELECT state FROM etcd_locks WHERE pid = $pid AND key = 'interop-a'}, 'waiting', $BOUND),
+$s->start(q{SELECT etcd_lock('interop-a')});
+ok( poll_until(sub {
+			$node->safe_psql('postgres',
+				qq{SELECT state FROM etcd_locks WHERE pid = $pid AND key = 'interop-a'}) eq 'waiting'
+		}, $BOUND, 'etcd_lock to wait'),
 	'etcd_lock waits while etcdctl holds (etcd_locks: waiting)');
 my $lease_a =
   sprintf('%x', $node->safe_psql('postgres', qq{SELECT lease_id FROM etcd_locks WHERE pid = $pid}));
 is_deeply([ sort $etcd->keys('interop-a/') ], [ sort($ctl_key, "interop-a/$lease_a") ],
 	"PostgreSQL's waiter key is interop-a/<its lease in hex>, next to etcdctl's");
 ok(running($ctl), 'etcdctl still holds while PostgreSQL waits');
-unlike($s->{stdout}, qr/acquired/, 'PostgreSQL has not acquired while etcdctl holds');
+ok(!$s->done, 'PostgreSQL has not acquired while etcdctl holds');
 
 my $t0 = time;
 $ctl->{h}->signal('INT');
 ok(wait_exit($ctl), 'etcdctl exits on SIGINT');
-ok(wait_psql_output($s, qr/acquired (\S+)\n/), 'PostgreSQL acquires once etcdctl let go')
-  or diag "psql stderr: $s->{stderr}";
-my ($ha) = $s->{stdout} =~ /acquired (\S+)\n/;
-$s->{stdout} = '';
+my ($acquired, $ha, $err) = $s->finish($BOUND);
+ok($acquired && $ha ne '', 'PostgreSQL acquires once etcdctl let go')
+  or diag 'psql stderr: ' . ($err // '(still waiting)');
 note sprintf('PostgreSQL acquired %.3f s after SIGINT to etcdctl', time - $t0);
-$ha //= '(none)';
+$ha = '(none)' unless $acquired && $ha ne '';
 is($ha, "interop-a/$lease_a", 'the handle is NAME/<lease id in hex>');
 is($node->safe_psql('postgres', qq{SELECT state FROM etcd_locks WHERE pid = $pid}),
 	'held', 'etcd_locks shows it held');
@@ -148,7 +121,7 @@ like($etcd->etcdctl('get', $hb, '-w', 'fields'), qr/"CreateRevision" : $token\n/
 	'the fencing token is the key\'s create_revision');
 
 $ctl = etcdctl_lock('interop-b', 'echo', 'got');
-ok( $etcd->poll_until('etcdctl queues', sub { scalar($etcd->keys('interop-b/')) == 2 }, $BOUND),
+ok(poll_until(sub { scalar($etcd->keys('interop-b/')) == 2 }, $BOUND, 'etcdctl to queue'),
 	"etcdctl's waiter key shows up under interop-b/");
 my ($ctl_waiter) = grep { $_ ne $hb } $etcd->keys('interop-b/');
 like($ctl_waiter // '', qr{^interop-b/[0-9a-f]+$}, "etcdctl's waiter key has the same layout");
@@ -164,8 +137,7 @@ ok(wait_exit($ctl), 'etcdctl ran its command and exited');
 note sprintf('etcdctl got the lock %.3f s after etcd_unlock', time - $t0);
 ok($ctl->{h}->finish, 'etcdctl exited with status 0')
   or diag 'etcdctl exit status ' . ($ctl->{h}->full_result >> 8) . ", stderr: $ctl->{err}";
-ok( $etcd->poll_until('no key under interop-b/', sub { scalar($etcd->keys('interop-b/')) == 0 },
-		$BOUND),
+ok( poll_until(sub { scalar($etcd->keys('interop-b/')) == 0 }, $BOUND, 'no key under interop-b/'),
 	'no key left under interop-b/');
 
 # PostgreSQL can take it again at once
@@ -177,8 +149,7 @@ $s->quit;
 # etcdctl leaves its own session lease to expire (--ttl, 10 s); PostgreSQL's
 # leases must go at once with the session.
 my %pg_leases = map { $_ => 1 } ($lease_a, $lease_hex);
-ok( $etcd->poll_until('PostgreSQL leases revoked',
-		sub { !grep { $pg_leases{$_} } $etcd->leases }, $BOUND),
+ok( poll_until(sub { !grep { $pg_leases{$_} } $etcd->leases }, $BOUND, 'PostgreSQL leases revoked'),
 	"PostgreSQL's leases are revoked when its session ends");
 is(scalar($etcd->keys('interop-')), 0, 'no key left in etcd');
 is($node->safe_psql('postgres', 'SELECT 1'), '1', 'the server still answers');

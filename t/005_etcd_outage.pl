@@ -9,44 +9,33 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
 # generous bound for "promptly": no speed is asserted beyond this
 my $BOUND = 10;
 
-my $etcd = EtcdServer->new(name => 'outage');
-my $node = EtcdServer::pg_node('outage', $etcd->url);
+my $etcd = EtcdLockTest::Etcd->new(name => 'outage');
+my $node = pg_node('outage', $etcd->url);
 
-# Run one statement in a background session and wait for its end (polling,
-# at most $limit seconds); returns whether it ended, stdout, stderr, seconds.
+# Run one statement in a session and wait at most $limit seconds for its
+# end; returns whether it ended, stdout, stderr and seconds.
 sub run_statement
 {
 	my ($s, $sql, $limit) = @_;
-	$s->{stdout} = '';
-	$s->{stderr} = '';
 	my $t0 = time;
-	$s->{stdin} .= "$sql\n\\echo statement ended\n\\warn statement ended\n";
-	my ($done, $out, $err) = EtcdServer::finish_statement($s, $limit);
-	return ($done, $out, $err, time - $t0);
-}
-
-sub server_ok
-{
-	my ($what) = @_;
-	is($node->safe_psql('postgres', 'SELECT 1'), '1', "$what: the server still answers");
-	unlike(slurp_file($node->logfile), qr/terminated by signal/, "$what: no process crashed");
-	return;
+	$s->start($sql);
+	my ($done, $out, $err) = $s->finish($limit);
+	return ($done, $out // '', $err // '', time - $t0);
 }
 
 # H holds a lock across the outages; S tries to lock during them.
-my $h = $node->background_psql('postgres');
-my $h_pid = $h->query_safe('SELECT pg_backend_pid()');
-my $s = $node->background_psql('postgres', on_error_stop => 0);
-$s->query_safe('\set VERBOSITY verbose');
+my $h = session($node);
+my $h_pid = $h->pid;
+my $s = session($node);
 
 # S has used etcd before, so it has a lease that it reuses
 is($s->query_safe(q{SELECT etcd_unlock(etcd_lock('warm-up'))}), 't', 'S locks and unlocks');
@@ -56,11 +45,11 @@ for my $sig ('KILL', 'TERM')
 	my $what = "etcd stopped by SIG$sig";
 
 	my $hk = $h->query_safe(qq{SELECT etcd_lock('kept-$sig', 4)});
-	my $hk_lease = EtcdServer::lease_of($hk);
+	my $hk_lease = lease_of($hk);
 	is_deeply([ $etcd->keys("etcd_lock/kept-$sig/") ], [$hk], "$what: H holds kept-$sig");
 
 	$etcd->stop($sig);
-	my $failures0 = EtcdServer::stat_value($node, 'failures');
+	my $failures0 = stat_value($node, 'failures');
 
 	# S, which has a lease already: the lock request itself fails
 	my ($done, $out, $err, $elapsed) = run_statement($s, q{SELECT etcd_lock('x');}, $BOUND);
@@ -83,15 +72,15 @@ for my $sig ('KILL', 'TERM')
 	note "$what: new session failed with SQLSTATE " . ($fresh_state // 'none')
 	  . sprintf(' after %.3f s', time - $t0);
 
-	server_ok($what);
-	cmp_ok(EtcdServer::stat_value($node, 'failures'), '>', $failures0,
+	server_ok($node, $what);
+	cmp_ok(stat_value($node, 'failures'), '>', $failures0,
 		"$what: etcd_lock_stats.failures grew");
 	is($node->safe_psql('postgres', qq{SELECT count(*) FROM etcd_locks WHERE pid <> $h_pid}),
 		'0', "$what: the failed calls left no row in etcd_locks");
 	is($node->safe_psql('postgres',
 			qq{SELECT state FROM etcd_locks WHERE pid = $h_pid AND key = 'kept-$sig'}),
 		'held', "$what: H's lock still shows held");
-	is(EtcdServer::stat_value($node, 'leases'), '1',
+	is(stat_value($node, 'leases'), '1',
 		"$what: only H's lease is still renewed by this server");
 
 	# etcd comes back with the same data directory
@@ -102,9 +91,8 @@ for my $sig ('KILL', 'TERM')
 		"$what: the failed calls left no key in etcd");
 
 	# H's lease is renewed again: keepalives go on and it does not expire
-	my $ka0 = EtcdServer::stat_value($node, 'keepalives');
-	ok( $etcd->poll_until("$what: keepalives resume",
-			sub { EtcdServer::stat_value($node, 'keepalives') >= $ka0 + 2 }, $BOUND),
+	my $ka0 = stat_value($node, 'keepalives');
+	ok( poll_until(sub { stat_value($node, 'keepalives') >= $ka0 + 2 }, $BOUND, "$what: keepalives resume"),
 		"$what: the worker keeps renewing H's lease");
 	like($etcd->etcdctl('lease', 'timetolive', $hk_lease), qr/remaining\([1-4]s\)/,
 		"$what: H's lease is alive in etcd");
@@ -120,7 +108,7 @@ for my $sig ('KILL', 'TERM')
 	is_deeply([ $etcd->keys('etcd_lock/x/') ], [$hx], "$what: S's lock is in etcd");
 	is($s->query_safe(qq{SELECT etcd_unlock('$hx')}), 't', "$what: S unlocks it: true");
 	is(scalar($etcd->keys('etcd_lock/x/')), 0, "$what: S's key is gone");
-	server_ok("$what, after the restart");
+	server_ok($node, "$what, after the restart");
 }
 
 # ---------------------------------------------------------------------------
@@ -133,17 +121,16 @@ for my $sig ('KILL', 'TERM')
 	# txn itself; a short ttl bounds how long anything etcd applies after it
 	# wakes up can live.
 	is($s->query_safe(q{SELECT etcd_unlock(etcd_lock('p', 3))}), 't', "$what: S warms a ttl-3 lease");
-	my $leases0 = EtcdServer::stat_value($node, 'leases');
-	my $failures0 = EtcdServer::stat_value($node, 'failures');
+	my $leases0 = stat_value($node, 'leases');
+	my $failures0 = stat_value($node, 'failures');
 
 	# SIGSTOP takes effect asynchronously: wait until etcd is really stopped,
 	# and check afterwards that nobody resumed it during the call.
 	$etcd->pause;
 	my $epid = $etcd->pid;
-	ok($etcd->poll_until("$what: etcd stopped", sub { EtcdServer::proc_state($epid) eq 'T' }, $BOUND),
-		"$what: etcd is stopped");
+	is(proc_state($epid), 'T', "$what: etcd is stopped");
 	my ($done, $out, $err, $elapsed) = run_statement($s, q{SELECT etcd_lock('p', 3);}, $BOUND);
-	my $state_after = EtcdServer::proc_state($epid);
+	my $state_after = proc_state($epid);
 	$etcd->resume;
 	is($state_after, 'T', "$what: etcd stayed stopped during the whole call");
 	ok($done, "$what: etcd_lock returns instead of hanging");
@@ -154,12 +141,12 @@ for my $sig ('KILL', 'TERM')
 	note "  $_" for grep { /ERROR|DETAIL|WARNING|CONTEXT/ } split /\n/, $err;
 	cmp_ok($elapsed, '>=', 0.9, "$what: it waited for the request timeout (1 s)");
 	cmp_ok($elapsed, '<', $BOUND, "$what: within a bounded time");
-	cmp_ok(EtcdServer::stat_value($node, 'failures'), '>', $failures0,
+	cmp_ok(stat_value($node, 'failures'), '>', $failures0,
 		"$what: etcd_lock_stats.failures grew");
-	server_ok($what);
+	server_ok($node, $what);
 	is($node->safe_psql('postgres', q{SELECT count(*) FROM etcd_locks}), '0',
 		"$what: no row left in etcd_locks");
-	is(EtcdServer::stat_value($node, 'leases'), $leases0 - 1,
+	is(stat_value($node, 'leases'), $leases0 - 1,
 		"$what: S's lease is no longer renewed by this server");
 
 	# etcd may still apply the frozen txn when it wakes up, after the revoke
@@ -168,8 +155,7 @@ for my $sig ('KILL', 'TERM')
 	my @ghost = $etcd->keys('etcd_lock/p/');
 	note "$what: key(s) etcd applied after waking up: " . (@ghost ? "@ghost" : 'none');
 	my $tg = time;
-	ok($etcd->poll_until("$what: no key left", sub { scalar($etcd->keys('etcd_lock/p/')) == 0 },
-			$BOUND),
+	ok(poll_until(sub { scalar($etcd->keys('etcd_lock/p/')) == 0 }, $BOUND, "$what: no key left"),
 		"$what: no key left in etcd (at the latest when its lease expired)");
 	note sprintf('%s: the last key under p/ went %.1f s after resume', $what, time - $tg) if @ghost;
 
@@ -180,10 +166,10 @@ for my $sig ('KILL', 'TERM')
 
 $s->quit;
 $h->quit;
-ok($etcd->poll_until('no key left', sub { scalar($etcd->keys('etcd_lock/')) == 0 }, $BOUND),
+ok(poll_until(sub { scalar($etcd->keys('etcd_lock/')) == 0 }, $BOUND, 'no key left'),
 	'no key left in etcd at the end');
-is(EtcdServer::stat_value($node, 'leases'), '0', 'this server renews no lease at the end');
-server_ok('at the end');
+is(stat_value($node, 'leases'), '0', 'this server renews no lease at the end');
+server_ok($node, 'at the end');
 
 $node->stop;
 done_testing();

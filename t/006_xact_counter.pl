@@ -26,7 +26,7 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -37,9 +37,9 @@ my $CLIENTS = 4;      # pgbench clients per server
 my $TXNS = 100;       # increments per client
 my $TOTAL = 2 * $CLIENTS * $TXNS;
 
-my $etcd = EtcdServer->new(name => 'counter');
-my $node_a = EtcdServer::pg_node('counter_a', $etcd->url);
-my $node_b = EtcdServer::pg_node('counter_b', $etcd->url);
+my $etcd = EtcdLockTest::Etcd->new(name => 'counter');
+my $node_a = pg_node('counter_a', $etcd->url);
+my $node_b = pg_node('counter_b', $etcd->url);
 
 $node_a->safe_psql('postgres', q{
 CREATE TABLE counter (id int PRIMARY KEY, v int NOT NULL);
@@ -101,8 +101,8 @@ sub write_script
 	return $file;
 }
 
-# Server-wide counters of one node.
-sub stats
+# Server-wide counters of one node; requests without the keepalives.
+sub counters
 {
 	my ($node) = @_;
 	my ($req, $ka, $acq, $lost) = split /\|/, $node->safe_psql('postgres',
@@ -161,16 +161,15 @@ sub nothing_left
 				'SELECT locks = 0 AND leases = 0 FROM etcd_lock_stats'),
 			"$tag: no lock or lease left on " . $node->name);
 	}
-	ok($etcd->poll_until("$tag: no key and no lease left in etcd",
-			sub { !$etcd->keys('etcd_lock/') && !$etcd->leases }),
-		"$tag: no key and no lease left in etcd");
+	$etcd->wait_empty('etcd_lock/');
+	$etcd->no_leftovers($tag, 'etcd_lock/');
 	return;
 }
 
 # --- with the lock ---------------------------------------------------------
 
-my $s0a = stats($node_a);
-my $s0b = stats($node_b);
+my $s0a = counters($node_a);
+my $s0b = counters($node_b);
 my ($secs, $pa, $pb) = run_both('locked',
 	write_script('locked_a', script_a(1)), write_script('locked_b', script_b(1)));
 my $commits = $pa + $pb;
@@ -200,8 +199,8 @@ is($overlap, 't', 'locked: the two servers ran at the same time');
 cmp_ok($switches, '>=', 10, 'locked: the lock passed between the servers');
 note "locked: the lock passed between servers $switches times";
 
-my $s1a = stats($node_a);
-my $s1b = stats($node_b);
+my $s1a = counters($node_a);
+my $s1b = counters($node_b);
 is($s1a->{acquired} - $s0a->{acquired}, $pa, 'locked: server A acquired once per transaction');
 is($s1b->{acquired} - $s0b->{acquired}, $pb, 'locked: server B acquired once per transaction');
 is($s1a->{lost} + $s1b->{lost}, 0, 'locked: no lock was lost');
@@ -214,7 +213,7 @@ nothing_left('locked');
 
 # --- uncontended, for the request count ------------------------------------
 
-my $s2a = stats($node_a);
+my $s2a = counters($node_a);
 my $solo = 50;
 my ($solo_out, $solo_err) = ('', '');
 my $solo_ok = IPC::Run::run(
@@ -223,7 +222,7 @@ my $solo_ok = IPC::Run::run(
 	'<', \undef, '>', \$solo_out, '2>', \$solo_err);
 ok($solo_ok, 'uncontended: pgbench succeeded') or diag($solo_err);
 nothing_left('uncontended');
-my $solo_requests = stats($node_a)->{requests} - $s2a->{requests};
+my $solo_requests = counters($node_a)->{requests} - $s2a->{requests};
 # acquire + commit check + release per transaction, plus the session's one
 # lease grant and its revoke at exit
 cmp_ok($solo_requests, '<=', 3 * $solo + 2,
@@ -234,8 +233,8 @@ note sprintf('uncontended: %d etcd requests for %d transactions (%.2f each, incl
 # --- the same run without the lock -----------------------------------------
 
 $node_a->safe_psql('postgres', 'UPDATE counter SET v = 0; TRUNCATE increments');
-my $s3a = stats($node_a);
-my $s3b = stats($node_b);
+my $s3a = counters($node_a);
+my $s3b = counters($node_b);
 ($secs, $pa, $pb) = run_both('unlocked',
 	write_script('unlocked_a', script_a(0)), write_script('unlocked_b', script_b(0)));
 $commits = $pa + $pb;
@@ -245,7 +244,7 @@ is($rows, $commits, 'unlocked: one log row per commit');
 cmp_ok($v, '<', $commits, 'unlocked: updates were lost (final value < commits)');
 cmp_ok($distinct, '<', $rows, 'unlocked: some values were written more than once');
 note "unlocked: final value $v after $commits commits";
-is(stats($node_a)->{acquired} - $s3a->{acquired} + stats($node_b)->{acquired} - $s3b->{acquired},
+is(counters($node_a)->{acquired} - $s3a->{acquired} + counters($node_b)->{acquired} - $s3b->{acquired},
 	0, 'unlocked: no etcd lock was taken');
 nothing_left('unlocked');
 

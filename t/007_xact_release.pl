@@ -23,16 +23,16 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $etcd = EtcdServer->new(name => 'xact_release');
+my $etcd = EtcdLockTest::Etcd->new(name => 'xact_release');
 # synchronous_standby_names names a standby that never comes, so a session
 # that sets synchronous_commit = on waits at COMMIT with its commit record
 # flushed but not yet visible; everyone else commits locally
-my $node = EtcdServer::pg_node('xact_release', $etcd->url, qq{
+my $node = pg_node('xact_release', $etcd->url, qq{
 max_prepared_transactions = 2
 wal_level = replica
 max_wal_senders = 1
@@ -46,68 +46,7 @@ CREATE TABLE kv (id int PRIMARY KEY, n int NOT NULL);
 INSERT INTO kv VALUES (1, 0);
 });
 
-# A background session that keeps going after errors, with errors in the
-# verbose form (ERROR:  SQLSTATE: message).
-sub session
-{
-	my $s = EtcdServer::session($node);
-	$s->{pid} = $s->query_safe('SELECT pg_backend_pid()');
-	return $s;
-}
-
-# Run SQL in a session; returns its output, its stderr and the SQLSTATE of
-# its last statement (00000 on success).  BackgroundPsql keeps stderr across
-# queries, so it is cleared here.
-sub run_sql
-{
-	my ($s, $sql) = @_;
-	$sql .= ';' unless $sql =~ /;\s*$/;
-	my $out = $s->query("$sql\n\\echo SQLSTATE=:SQLSTATE");
-	my $err = $s->{stderr};
-	$s->{stderr} = '';
-	my ($state) = $out =~ s/\n?SQLSTATE=(\w+)$//s ? ($1) : ('?');
-	return ($out, $err, $state);
-}
-
-# Run SQL that must succeed quietly; returns its output.
-sub ok_sql
-{
-	my ($s, $sql) = @_;
-	my ($out, $err, $state) = run_sql($s, $sql);
-	die "unexpected failure of <$sql>: $state $err" if $state ne '00000' || $err ne '';
-	return $out;
-}
-
-# Poll a query until it returns true.  If the server went away meanwhile
-# (a crashed backend or lease worker), say so plainly instead of dying in
-# psql.
-sub poll_sql
-{
-	my ($sql) = @_;
-	my $ok = eval { $node->poll_query_until('postgres', $sql) };
-	return 1 if $ok;
-	my @crash = grep { /terminated by signal|PANIC|TRAP:/ }
-	  split /\n/, PostgreSQL::Test::Utils::slurp_file($node->logfile);
-	if (@crash)
-	{
-		fail('the server is up');
-		diag("the server crashed: $crash[0]");
-		die "the server crashed\n";
-	}
-	diag("polling failed: $@") if $@;
-	return 0;
-}
-
 sub keys_of { my ($name) = @_; return [ $etcd->keys("etcd_lock/$name/") ]; }
-
-sub no_crash
-{
-	my ($what) = @_;
-	is($node->safe_psql('postgres', 'SELECT 1'), '1', "$what: the server still answers");
-	unlike(PostgreSQL::Test::Utils::slurp_file($node->logfile),
-		qr/terminated by signal|PANIC|TRAP:/, "$what: no backend crashed");
-	return;
-}
 
 sub row_count
 {
@@ -115,46 +54,47 @@ sub row_count
 	return $node->safe_psql('postgres', "SELECT count(*) FROM t WHERE id = $id");
 }
 
-my $s1 = session();
-my $s2 = session();
+my $s1 = session($node);
+my $s2 = session($node);
+my ($s1_pid, $s2_pid) = ($s1->pid, $s2->pid);
 
 # --- (a) lease revoked before COMMIT ---------------------------------------
 
 # a ttl used nowhere else gets a fresh lease, so the worker's first
 # keepalive (at ttl/3 = 20 s) comes long after the COMMIT: only the commit
 # check can find the loss
-ok_sql($s1, 'BEGIN');
-my $h = ok_sql($s1, q{SELECT etcd_xact_lock('revoked', 61)});
+$s1->query_safe('BEGIN');
+my $h = $s1->query_safe(q{SELECT etcd_xact_lock('revoked', 61)});
 like($h, qr{^etcd_lock/revoked/[0-9a-f]+$}, '(a) the transaction holds "revoked"');
-my $lease = EtcdServer::lease_of($h);
+my $lease = lease_of($h);
 is(sprintf('%x', $node->safe_psql('postgres',
 			q{SELECT lease_id FROM etcd_locks WHERE key = 'revoked'})),
 	$lease, '(a) etcd_locks.lease_id is the lease in the handle');
-ok_sql($s1, q{INSERT INTO t VALUES (1, 'written under a revoked lease')});
+$s1->query_safe(q{INSERT INTO t VALUES (1, 'written under a revoked lease')});
 $etcd->etcdctl('lease', 'revoke', $lease);
 is_deeply(keys_of('revoked'), [], '(a) revoking the lease deleted the key');
 
-my ($out, $err, $state) = run_sql($s1, 'COMMIT');
+my ($out, $err, $state) = $s1->query('COMMIT');
 is($state, '40L01', '(a) COMMIT fails with SQLSTATE 40L01');
 like($err, qr/ERROR:  40L01: etcd transaction lock "revoked" was lost before commit/,
 	'(a) the error names the lock');
 is(row_count(1), '0', '(a) the row written under the lost lock is not there');
-is(ok_sql($s1, q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
+is($s1->query_safe(q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
 	'(a) the session lists no lock');
 is_deeply(keys_of('revoked'), [], '(a) no key left under the name');
 ok(!grep({ $_ eq $lease } $etcd->leases), '(a) the revoked lease is gone from etcd');
-no_crash('(a)');
+server_ok($node, '(a)');
 
 # the same session locks again, on a new lease, and commits
-ok_sql($s1, 'BEGIN');
-my $h2 = ok_sql($s1, q{SELECT etcd_xact_lock('revoked', 61)});
+$s1->query_safe('BEGIN');
+my $h2 = $s1->query_safe(q{SELECT etcd_xact_lock('revoked', 61)});
 like($h2, qr{^etcd_lock/revoked/[0-9a-f]+$}, '(a) the session locks again');
-isnt(EtcdServer::lease_of($h2), $lease, '(a) on a new lease');
-ok_sql($s1, q{INSERT INTO t VALUES (1, 'written after relocking')});
-ok_sql($s1, 'COMMIT');
+isnt(lease_of($h2), $lease, '(a) on a new lease');
+$s1->query_safe(q{INSERT INTO t VALUES (1, 'written after relocking')});
+$s1->query_safe('COMMIT');
 is(row_count(1), '1', '(a) the retried transaction committed');
 is_deeply(keys_of('revoked'), [], '(a) COMMIT released the new key');
-is_deeply([ $etcd->leases ], [ EtcdServer::lease_of($h2) ],
+is_deeply([ $etcd->leases ], [ lease_of($h2) ],
 	'(a) etcd has only the new lease, which the session keeps for reuse');
 is($node->safe_psql('postgres', 'SELECT leases FROM etcd_lock_stats'), '1',
 	'(a) the server renews only that lease');
@@ -162,32 +102,32 @@ is($node->safe_psql('postgres', 'SELECT leases FROM etcd_lock_stats'), '1',
 # --- (a') key deleted before COMMIT, lease alive ---------------------------
 
 # the lease is fine, so the worker never notices: only the commit check can
-ok_sql($s1, 'BEGIN');
-$h = ok_sql($s1, q{SELECT etcd_xact_lock('deleted', 61)});
-is(EtcdServer::lease_of($h), EtcdServer::lease_of($h2), "(a') the session reuses its lease");
-ok_sql($s1, q{INSERT INTO t VALUES (2, 'written after the key was deleted')});
+$s1->query_safe('BEGIN');
+$h = $s1->query_safe(q{SELECT etcd_xact_lock('deleted', 61)});
+is(lease_of($h), lease_of($h2), "(a') the session reuses its lease");
+$s1->query_safe(q{INSERT INTO t VALUES (2, 'written after the key was deleted')});
 $etcd->etcdctl('del', $h);
-($out, $err, $state) = run_sql($s1, 'COMMIT');
+($out, $err, $state) = $s1->query('COMMIT');
 is($state, '40L01', "(a') COMMIT fails with SQLSTATE 40L01");
 like($err, qr/ERROR:  40L01: etcd transaction lock "deleted" was lost before commit/,
 	"(a') the error names the lock");
 is(row_count(2), '0', "(a') the row is not there");
 is_deeply(keys_of('deleted'), [], "(a') no key left under the name");
-is(ok_sql($s1, q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
+is($s1->query_safe(q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
 	"(a') the session lists no lock");
-no_crash("(a')");
+server_ok($node, "(a')");
 
 # with commit_check off, the same loss goes unnoticed (documented trade-off)
-ok_sql($s1, 'SET etcd_lock.commit_check = off');
-ok_sql($s1, 'BEGIN');
-$h = ok_sql($s1, q{SELECT etcd_xact_lock('deleted', 61)});
-ok_sql($s1, q{INSERT INTO t VALUES (2, 'committed without the check')});
+$s1->query_safe('SET etcd_lock.commit_check = off');
+$s1->query_safe('BEGIN');
+$h = $s1->query_safe(q{SELECT etcd_xact_lock('deleted', 61)});
+$s1->query_safe(q{INSERT INTO t VALUES (2, 'committed without the check')});
 $etcd->etcdctl('del', $h);
-($out, $err, $state) = run_sql($s1, 'COMMIT');
+($out, $err, $state) = $s1->query('COMMIT');
 is($state, '00000', "(a') with etcd_lock.commit_check = off, COMMIT succeeds");
 is(row_count(2), '1', "(a') and the row is there");
 is_deeply(keys_of('deleted'), [], "(a') no key left under the name");
-ok_sql($s1, 'RESET etcd_lock.commit_check');
+$s1->query_safe('RESET etcd_lock.commit_check');
 
 # --- (b) release paths -----------------------------------------------------
 
@@ -195,14 +135,11 @@ ok_sql($s1, 'RESET etcd_lock.commit_check');
 sub start_waiter
 {
 	my ($name) = @_;
-	$s2->query_until(qr/waiting\n/, qq{\\echo waiting
-BEGIN;
-SELECT etcd_xact_lock('$name') AS waiter_handle \\gset
-\\echo acquired :waiter_handle
-});
-	ok(poll_sql(qq{
+	$s2->query_safe('BEGIN');
+	$s2->start(qq{SELECT etcd_xact_lock('$name')});
+	ok($node->poll_query_until('postgres', qq{
 SELECT count(*) = 1 FROM etcd_locks
-WHERE key = '$name' AND pid = $s2->{pid} AND state = 'waiting'}),
+WHERE key = '$name' AND pid = $s2_pid AND state = 'waiting'}),
 		"the waiter queues for $name");
 	return;
 }
@@ -211,12 +148,11 @@ WHERE key = '$name' AND pid = $s2->{pid} AND state = 'waiting'}),
 sub waiter_acquired
 {
 	my ($name, $what) = @_;
-	ok(poll_sql(qq{
+	ok($node->poll_query_until('postgres', qq{
 SELECT count(*) = 1 FROM etcd_locks
-WHERE key = '$name' AND pid = $s2->{pid} AND state = 'held'}),
+WHERE key = '$name' AND pid = $s2_pid AND state = 'held'}),
 		"$what: the waiter holds $name");
-	my $got = $s2->query_until(qr/acquired \S+\n/, '');
-	my ($wh) = $got =~ /acquired (\S+)/;
+	my (undef, $wh) = $s2->finish;
 	is_deeply(keys_of($name), [$wh], "$what: the waiter's key is the only one");
 	return;
 }
@@ -224,87 +160,83 @@ WHERE key = '$name' AND pid = $s2->{pid} AND state = 'held'}),
 sub waiter_commits
 {
 	my ($name, $what) = @_;
-	$s2->{stderr} = '';
-	ok_sql($s2, 'COMMIT');
+	$s2->query_safe('COMMIT');
 	is_deeply(keys_of($name), [], "$what: no key left after the waiter's COMMIT");
 	return;
 }
 
 # ROLLBACK TO SAVEPOINT releases a lock taken inside the savepoint
-ok_sql($s1, 'BEGIN');
-ok_sql($s1, 'SAVEPOINT sp');
-ok_sql($s1, q{SELECT etcd_xact_lock('paths')});
+$s1->query_safe('BEGIN');
+$s1->query_safe('SAVEPOINT sp');
+$s1->query_safe(q{SELECT etcd_xact_lock('paths')});
 start_waiter('paths');
-ok_sql($s1, 'ROLLBACK TO SAVEPOINT sp');
+$s1->query_safe('ROLLBACK TO SAVEPOINT sp');
 waiter_acquired('paths', '(b) ROLLBACK TO SAVEPOINT');
-is(ok_sql($s1, q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
+is($s1->query_safe(q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
 	'(b) the holder, still in its transaction, holds nothing');
-ok_sql($s1, 'COMMIT');
+$s1->query_safe('COMMIT');
 waiter_commits('paths', '(b) ROLLBACK TO SAVEPOINT');
 
 # a lock taken in a released savepoint belongs to the parent: the waiter
 # waits until the transaction ends
-ok_sql($s1, 'BEGIN');
-ok_sql($s1, 'SAVEPOINT sp');
-ok_sql($s1, q{SELECT etcd_xact_lock('paths')});
-ok_sql($s1, 'RELEASE SAVEPOINT sp');
+$s1->query_safe('BEGIN');
+$s1->query_safe('SAVEPOINT sp');
+$s1->query_safe(q{SELECT etcd_xact_lock('paths')});
+$s1->query_safe('RELEASE SAVEPOINT sp');
 start_waiter('paths');
-ok_sql($s1, 'SAVEPOINT sp2');
-ok_sql($s1, 'ROLLBACK TO SAVEPOINT sp2');
+$s1->query_safe('SAVEPOINT sp2');
+$s1->query_safe('ROLLBACK TO SAVEPOINT sp2');
 is($node->safe_psql('postgres', qq{
-SELECT state FROM etcd_locks WHERE key = 'paths' ORDER BY pid = $s2->{pid}}),
+SELECT state FROM etcd_locks WHERE key = 'paths' ORDER BY pid = $s2_pid}),
 	"held\nwaiting", '(b) RELEASE SAVEPOINT: the parent keeps the lock');
-ok_sql($s1, 'ROLLBACK');
+$s1->query_safe('ROLLBACK');
 waiter_acquired('paths', '(b) ABORT after RELEASE SAVEPOINT');
 waiter_commits('paths', '(b) ABORT after RELEASE SAVEPOINT');
 
 # ABORT
-ok_sql($s1, 'BEGIN');
-ok_sql($s1, q{SELECT etcd_xact_lock('paths')});
+$s1->query_safe('BEGIN');
+$s1->query_safe(q{SELECT etcd_xact_lock('paths')});
 start_waiter('paths');
-ok_sql($s1, 'ROLLBACK');
+$s1->query_safe('ROLLBACK');
 waiter_acquired('paths', '(b) ABORT');
 waiter_commits('paths', '(b) ABORT');
 
 # an error aborts the transaction at once: as with PostgreSQL's advisory
 # transaction locks, the lock goes then, before the client's ROLLBACK
-ok_sql($s1, 'BEGIN');
-ok_sql($s1, q{SELECT etcd_xact_lock('paths')});
+$s1->query_safe('BEGIN');
+$s1->query_safe(q{SELECT etcd_xact_lock('paths')});
 start_waiter('paths');
-($out, $err, $state) = run_sql($s1, 'SELECT 1/0');
+($out, $err, $state) = $s1->query('SELECT 1/0');
 is($state, '22012', '(b) an error aborts the transaction');
 waiter_acquired('paths', '(b) error in the transaction');
-is($node->safe_psql('postgres', qq{SELECT count(*) FROM etcd_locks WHERE pid = $s1->{pid}}),
+is($node->safe_psql('postgres', qq{SELECT count(*) FROM etcd_locks WHERE pid = $s1_pid}),
 	'0', '(b) the failed transaction holds nothing before its ROLLBACK');
-ok_sql($s1, 'ROLLBACK');
+$s1->query_safe('ROLLBACK');
 waiter_commits('paths', '(b) error in the transaction');
 
 # COMMIT
-ok_sql($s1, 'BEGIN');
-ok_sql($s1, q{SELECT etcd_xact_lock('paths')});
+$s1->query_safe('BEGIN');
+$s1->query_safe(q{SELECT etcd_xact_lock('paths')});
 start_waiter('paths');
-ok_sql($s1, 'COMMIT');
+$s1->query_safe('COMMIT');
 waiter_acquired('paths', '(b) COMMIT');
 waiter_commits('paths', '(b) COMMIT');
 
 # the statement's implicit transaction: the lock ends with the statement.
 # s1's statement takes the lock, then blocks on an advisory lock that a
 # third session holds, so s2 can queue behind it.
-my $s3 = session();
-ok_sql($s3, 'SELECT pg_advisory_lock(7)');
-$s1->query_until(qr/implicit\n/, qq{\\echo implicit
-SELECT etcd_xact_lock('paths') IS NOT NULL AS implicit_lock, pg_advisory_xact_lock(7) \\gset
-\\echo implicit done
-});
-ok(poll_sql(qq{
-SELECT count(*) = 1 FROM etcd_locks WHERE key = 'paths' AND pid = $s1->{pid} AND state = 'held'
-   AND EXISTS (SELECT FROM pg_locks WHERE pid = $s1->{pid} AND locktype = 'advisory' AND NOT granted)}),
+my $s3 = session($node);
+$s3->query_safe('SELECT pg_advisory_lock(7)');
+$s1->start(q{SELECT etcd_xact_lock('paths') IS NOT NULL AS implicit_lock, pg_advisory_xact_lock(7)});
+ok($node->poll_query_until('postgres', qq{
+SELECT count(*) = 1 FROM etcd_locks WHERE key = 'paths' AND pid = $s1_pid AND state = 'held'
+   AND EXISTS (SELECT FROM pg_locks WHERE pid = $s1_pid AND locktype = 'advisory' AND NOT granted)}),
 	'(b) a statement outside a transaction block holds the lock while it runs');
 start_waiter('paths');
-ok_sql($s3, 'SELECT pg_advisory_unlock(7)');
+$s3->query_safe('SELECT pg_advisory_unlock(7)');
 waiter_acquired('paths', '(b) end of an implicit transaction');
-$s1->query_until(qr/implicit done\n/, '');
-is($s1->{stderr}, '', '(b) the implicit transaction had no error');
+my (undef, undef, $implicit_err) = $s1->finish;
+is($implicit_err, '', '(b) the implicit transaction had no error');
 waiter_commits('paths', '(b) end of an implicit transaction');
 $s3->quit;
 
@@ -315,32 +247,30 @@ $s3->quit;
 # must see the holder's committed write if the release came after the
 # commit was visible.
 my $handoffs = 20;
+my $reader = q{BEGIN;
+SELECT etcd_xact_lock('handoff') IS NOT NULL AS got \gset
+SELECT n FROM kv WHERE id = 1;
+COMMIT;};
 my @seen;
+my $reader_errors = '';
 for my $i (1 .. $handoffs)
 {
-	ok_sql($s1, 'BEGIN');
-	ok_sql($s1, q{SELECT etcd_xact_lock('handoff')});
-	ok_sql($s1, "UPDATE kv SET n = $i WHERE id = 1");
-	$s2->query_until(qr/waiting\n/, q{\echo waiting
-BEGIN;
-SELECT etcd_xact_lock('handoff') IS NOT NULL AS got \gset
-SELECT n AS seen FROM kv WHERE id = 1 \gset
-\echo seen :seen
-COMMIT;
-\echo committed
-});
-	poll_sql(qq{
+	$s1->query_safe('BEGIN');
+	$s1->query_safe(q{SELECT etcd_xact_lock('handoff')});
+	$s1->query_safe("UPDATE kv SET n = $i WHERE id = 1");
+	$s2->start($reader);
+	$node->poll_query_until('postgres', qq{
 SELECT count(*) = 1 FROM etcd_locks
-WHERE key = 'handoff' AND pid = $s2->{pid} AND state = 'waiting'})
+WHERE key = 'handoff' AND pid = $s2_pid AND state = 'waiting'})
 	  or die "handoff $i: the waiter did not queue";
-	ok_sql($s1, 'COMMIT');
-	my $got = $s2->query_until(qr/committed\n/, '');
-	my ($n) = $got =~ /seen (\d+)/;
+	$s1->query_safe('COMMIT');
+	my (undef, $n, $err) = $s2->finish;
 	push @seen, $n // 'none';
+	$reader_errors .= $err // '';
 }
 is_deeply(\@seen, [ 1 .. $handoffs ],
 	"(c) after each of $handoffs handoffs the waiter saw the holder's committed write");
-is($s2->{stderr}, '', '(c) the waiter had no error');
+is($reader_errors, '', '(c) the waiter had no error');
 is_deeply(keys_of('handoff'), [], '(c) no key left');
 
 # The lock outlives a COMMIT that is flushed but not yet visible: s1's
@@ -348,43 +278,36 @@ is_deeply(keys_of('handoff'), [], '(c) no key left');
 # and the lock must still be held there.  Canceling the wait makes the
 # commit visible; only then does the waiter get the lock, and it sees the
 # write.
-ok_sql($s1, 'SET synchronous_commit = on');
-ok_sql($s1, 'BEGIN');
-$h = ok_sql($s1, q{SELECT etcd_xact_lock('handoff')});
-ok_sql($s1, 'UPDATE kv SET n = 1000 WHERE id = 1');
-$s2->query_until(qr/waiting\n/, q{\echo waiting
-BEGIN;
-SELECT etcd_xact_lock('handoff') IS NOT NULL AS got \gset
-SELECT n AS seen FROM kv WHERE id = 1 \gset
-\echo seen :seen
-COMMIT;
-\echo committed
-});
-ok(poll_sql(qq{
+$s1->query_safe('SET synchronous_commit = on');
+$s1->query_safe('BEGIN');
+$h = $s1->query_safe(q{SELECT etcd_xact_lock('handoff')});
+$s1->query_safe('UPDATE kv SET n = 1000 WHERE id = 1');
+$s2->start($reader);
+ok($node->poll_query_until('postgres', qq{
 SELECT count(*) = 1 FROM etcd_locks
-WHERE key = 'handoff' AND pid = $s2->{pid} AND state = 'waiting'}),
+WHERE key = 'handoff' AND pid = $s2_pid AND state = 'waiting'}),
 	'(c) the waiter queues');
-$s1->query_until(qr/committing\n/, "\\echo committing\nCOMMIT;\n\\echo commit returned\n");
-ok(poll_sql(qq{SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $s1->{pid}}),
+$s1->start('COMMIT');
+ok( $node->poll_query_until('postgres',
+		qq{SELECT wait_event = 'SyncRep' FROM pg_stat_activity WHERE pid = $s1_pid}),
 	'(c) the holder\'s COMMIT waits for the synchronous standby');
 my @during = @{ keys_of('handoff') };
 ok(scalar(grep { $_ eq $h } @during),
 	'(c) while the commit is not visible, the holder\'s key is still in etcd');
 is(scalar(@during), 2, '(c) beside the waiter\'s key');
 is($node->safe_psql('postgres', qq{
-SELECT string_agg(state, ',' ORDER BY pid = $s2->{pid}) FROM etcd_locks WHERE key = 'handoff'}),
+SELECT string_agg(state, ',' ORDER BY pid = $s2_pid) FROM etcd_locks WHERE key = 'handoff'}),
 	'held,waiting', '(c) and the waiter still waits');
 is($node->safe_psql('postgres', 'SELECT n FROM kv WHERE id = 1'), $handoffs,
 	'(c) the write is not visible yet');
-$node->safe_psql('postgres', "SELECT pg_cancel_backend($s1->{pid})");
-$s1->query_until(qr/commit returned\n/, '');
-like($s1->{stderr}, qr/canceling wait for synchronous replication/,
+$node->safe_psql('postgres', "SELECT pg_cancel_backend($s1_pid)");
+my (undef, undef, $commit_err) = $s1->finish;
+like($commit_err, qr/canceling wait for synchronous replication/,
 	'(c) canceling the wait completes the local commit');
-$s1->{stderr} = '';
-my $got = $s2->query_until(qr/committed\n/, '');
-like($got, qr/seen 1000\n/, '(c) the waiter, let in after the commit became visible, sees the write');
-is($s2->{stderr}, '', '(c) the waiter had no error');
-ok_sql($s1, 'RESET synchronous_commit');
+my (undef, $seen, $seen_err) = $s2->finish;
+is($seen, '1000', '(c) the waiter, let in after the commit became visible, sees the write');
+is($seen_err, '', '(c) the waiter had no error');
+$s1->query_safe('RESET synchronous_commit');
 is_deeply(keys_of('handoff'), [], '(c) no key left');
 
 # --- (d) a doomed transaction ------------------------------------------------
@@ -393,62 +316,62 @@ is_deeply(keys_of('handoff'), [], '(c) no key left');
 sub doom
 {
 	my ($name, $id) = @_;
-	ok_sql($s1, 'BEGIN');
-	my $h = ok_sql($s1, qq{SELECT etcd_xact_lock('$name', 2)});
-	ok_sql($s1, qq{INSERT INTO t VALUES ($id, 'doomed')});
-	my $lease = EtcdServer::lease_of($h);
+	$s1->query_safe('BEGIN');
+	my $h = $s1->query_safe(qq{SELECT etcd_xact_lock('$name', 2)});
+	$s1->query_safe(qq{INSERT INTO t VALUES ($id, 'doomed')});
+	my $lease = lease_of($h);
 	$etcd->etcdctl('lease', 'revoke', $lease);
-	ok(poll_sql(qq{
-SELECT state = 'lost' FROM etcd_locks WHERE key = '$name' AND pid = $s1->{pid}}),
+	ok($node->poll_query_until('postgres', qq{
+SELECT state = 'lost' FROM etcd_locks WHERE key = '$name' AND pid = $s1_pid}),
 		"(d) etcd_locks shows $name lost once the worker found the lease gone");
 	return $lease;
 }
 
 my $leases_before = $node->safe_psql('postgres', 'SELECT leases FROM etcd_lock_stats');
 $lease = doom('doomed', 3);
-($out, $err, $state) = run_sql($s1, 'SELECT count(*) FROM t');
+($out, $err, $state) = $s1->query('SELECT count(*) FROM t');
 is($state, '40L01', '(d) the next statement fails with SQLSTATE 40L01');
 like($err, qr/ERROR:  40L01: etcd transaction lock "doomed" was lost/,
 	'(d) the error names the lock');
-($out, $err, $state) = run_sql($s1, qq{INSERT INTO t VALUES (4, 'after the loss')});
+($out, $err, $state) = $s1->query(qq{INSERT INTO t VALUES (4, 'after the loss')});
 is($state, '25P02', '(d) the transaction stays aborted');
-ok_sql($s1, 'COMMIT');    # ends the aborted transaction as a ROLLBACK
+$s1->query_safe('COMMIT');    # ends the aborted transaction as a ROLLBACK
 is(row_count(3) + row_count(4), 0, '(d) nothing of the doomed transaction committed');
 is_deeply(keys_of('doomed'), [], '(d) no key left under the name');
 ok(!grep({ $_ eq $lease } $etcd->leases), '(d) the revoked lease is gone from etcd');
-is(ok_sql($s1, q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
+is($s1->query_safe(q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
 	'(d) the session lists no lock');
-no_crash('(d)');
+server_ok($node, '(d)');
 
 # COMMIT as the next statement
 $lease = doom('doomed', 5);
-($out, $err, $state) = run_sql($s1, 'COMMIT');
+($out, $err, $state) = $s1->query('COMMIT');
 is($state, '40L01', '(d) COMMIT right after the loss fails with SQLSTATE 40L01');
 like($err, qr/ERROR:  40L01: etcd transaction lock "doomed" was lost/,
 	'(d) the error names the lock');
 is(row_count(5), '0', '(d) the row is not there');
 is_deeply(keys_of('doomed'), [], '(d) no key left under the name');
-is($node->safe_psql('postgres', qq{SELECT count(*) FROM etcd_locks WHERE pid = $s1->{pid}}),
+is($node->safe_psql('postgres', qq{SELECT count(*) FROM etcd_locks WHERE pid = $s1_pid}),
 	'0', '(d) the session lists no lock');
 
 # the lost lease is no longer renewed: the server is back to the leases
 # it had before the ttl-2 lease was granted
 is($node->safe_psql('postgres', 'SELECT leases FROM etcd_lock_stats'), $leases_before,
 	'(d) the server no longer renews the lost lease');
-ok_sql($s1, 'BEGIN');
-$h = ok_sql($s1, q{SELECT etcd_xact_lock('doomed', 2)});
-isnt(EtcdServer::lease_of($h), $lease, '(d) the session locks again, on a new lease');
-ok_sql($s1, q{INSERT INTO t VALUES (5, 'after the doomed one')});
-ok_sql($s1, 'COMMIT');
+$s1->query_safe('BEGIN');
+$h = $s1->query_safe(q{SELECT etcd_xact_lock('doomed', 2)});
+isnt(lease_of($h), $lease, '(d) the session locks again, on a new lease');
+$s1->query_safe(q{INSERT INTO t VALUES (5, 'after the doomed one')});
+$s1->query_safe('COMMIT');
 is(row_count(5), '1', '(d) and commits');
-no_crash('(d)');
+server_ok($node, '(d)');
 
 # --- (e) PREPARE TRANSACTION -------------------------------------------------
 
-ok_sql($s1, 'BEGIN');
-ok_sql($s1, q{SELECT etcd_xact_lock('prepared')});
-ok_sql($s1, q{INSERT INTO t VALUES (6, 'prepared')});
-($out, $err, $state) = run_sql($s1, q{PREPARE TRANSACTION 'etcd_lock_007'});
+$s1->query_safe('BEGIN');
+$s1->query_safe(q{SELECT etcd_xact_lock('prepared')});
+$s1->query_safe(q{INSERT INTO t VALUES (6, 'prepared')});
+($out, $err, $state) = $s1->query(q{PREPARE TRANSACTION 'etcd_lock_007'});
 is($state, '0A000', '(e) PREPARE TRANSACTION under a transaction lock fails with 0A000');
 like($err, qr/ERROR:  0A000: cannot PREPARE a transaction that holds etcd transaction locks/,
 	'(e) with a clear message');
@@ -456,32 +379,31 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_prepared_xacts'), '0',
 	'(e) no prepared transaction was left');
 is(row_count(6), '0', '(e) the row is not there');
 is_deeply(keys_of('prepared'), [], '(e) no key left under the name');
-is(ok_sql($s1, q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
+is($s1->query_safe(q{SELECT count(*) FROM etcd_locks WHERE pid = pg_backend_pid()}), '0',
 	'(e) the session lists no lock');
-no_crash('(e)');
+server_ok($node, '(e)');
 
 # the refusal is the lock's: without one (here, released with its
 # savepoint), PREPARE works
-ok_sql($s1, 'BEGIN');
-ok_sql($s1, 'SAVEPOINT sp');
-ok_sql($s1, q{SELECT etcd_xact_lock('prepared')});
-ok_sql($s1, 'ROLLBACK TO SAVEPOINT sp');
-ok_sql($s1, q{INSERT INTO t VALUES (7, 'prepared')});
-($out, $err, $state) = run_sql($s1, q{PREPARE TRANSACTION 'etcd_lock_007'});
+$s1->query_safe('BEGIN');
+$s1->query_safe('SAVEPOINT sp');
+$s1->query_safe(q{SELECT etcd_xact_lock('prepared')});
+$s1->query_safe('ROLLBACK TO SAVEPOINT sp');
+$s1->query_safe(q{INSERT INTO t VALUES (7, 'prepared')});
+($out, $err, $state) = $s1->query(q{PREPARE TRANSACTION 'etcd_lock_007'});
 is($state, '00000', '(e) PREPARE works once no transaction lock is held');
-ok_sql($s1, q{COMMIT PREPARED 'etcd_lock_007'});
+$s1->query_safe(q{COMMIT PREPARED 'etcd_lock_007'});
 is(row_count(7), '1', '(e) and the prepared transaction commits');
 
 # --- nothing left ------------------------------------------------------------
 
 $s1->quit;
 $s2->quit;
-ok(poll_sql('SELECT locks = 0 AND leases = 0 FROM etcd_lock_stats'),
+ok($node->poll_query_until('postgres', 'SELECT locks = 0 AND leases = 0 FROM etcd_lock_stats'),
 	'no lock or lease left on the server');
-ok($etcd->poll_until('no key and no lease left in etcd',
-		sub { !$etcd->keys('etcd_lock/') && !$etcd->leases }),
-	'no key and no lease left in etcd');
-no_crash('end');
+$etcd->wait_empty('etcd_lock/');
+$etcd->no_leftovers('end', 'etcd_lock/');
+server_ok($node, 'end');
 
 $node->stop;
 done_testing();

@@ -15,7 +15,7 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -28,15 +28,10 @@ my $BATCHES = 25;
 my $ROWS = 20;
 my $TOTAL = $THREADS * $BATCHES * $ROWS;
 
-sub have_command
-{
-	my ($cmd) = @_;
-	return scalar grep { -x "$_/$cmd" } split /:/, $ENV{PATH};
-}
-
 plan skip_all => 'javac is not installed (package default-jdk-headless)'
   unless have_command('javac');
-BAIL_OUT("$JAR is missing (package libpostgresql-jdbc-java)") unless -r $JAR;
+plan skip_all => "the JDBC driver $JAR is not installed (package libpostgresql-jdbc-java)"
+  unless -r $JAR;
 
 # compile the client
 my $classes = PostgreSQL::Test::Utils::tempdir('jdbc_classes');
@@ -44,11 +39,11 @@ my ($out, $err) = ('', '');
 ok( IPC::Run::run(
 		[ 'javac', '-cp', $JAR, '-d', $classes, "$FindBin::RealBin/jdbc/GuardedBatch.java" ],
 		'<', \undef, '>', \$out, '2>', \$err),
-	'GuardedBatch.java compiles') or BAIL_OUT("javac failed: $out$err");
+	'GuardedBatch.java compiles') or die "javac failed: $out$err";
 
-my $etcd = EtcdServer->new(name => 'jdbc');
+my $etcd = EtcdLockTest::Etcd->new(name => 'jdbc');
 # JDBC speaks TCP only: listen on loopback too, on the node's port
-my $node = EtcdServer::pg_node('jdbc', $etcd->url, qq{
+my $node = pg_node('jdbc', $etcd->url, qq{
 listen_addresses = '127.0.0.1'
 track_commit_timestamp = on
 });
@@ -135,9 +130,8 @@ WHERE thread <> prev}), '>', 0, 'the threads took turns');
 # the connections are closed: nothing left behind
 ok($node->poll_query_until('postgres', 'SELECT locks = 0 AND leases = 0 FROM etcd_lock_stats'),
 	'no lock or lease left on the server');
-ok($etcd->poll_until('no key and no lease left in etcd',
-		sub { !$etcd->keys('etcd_lock/') && !$etcd->leases }),
-	'no key and no lease left in etcd');
+$etcd->wait_empty('etcd_lock/');
+$etcd->no_leftovers('the connections closed', 'etcd_lock/');
 unlike(PostgreSQL::Test::Utils::slurp_file($node->logfile),
 	qr/terminated by signal|PANIC|TRAP:/, 'no backend crashed');
 

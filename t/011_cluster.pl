@@ -11,12 +11,11 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdCluster;
-use EtcdServer;
+use EtcdLockTest;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
 my $SESSIONS = 4;
 my $BEFORE_KILL = 3;      # seconds of storm before the kill
@@ -30,24 +29,18 @@ my $TXN_LIMIT = 30;       # no transaction may take longer than this
 # times.  Should that bound be reached (a chance below 1 in 2000), the test
 # still runs, but then only checks that the leader is told apart among IDs
 # of which some are below 2^63.
-my @members = EtcdCluster->cluster(3, name => 'm', high_ids => 1);
-is_deeply([ map { $_->status->{member_id} } @members ], [ map { $_->{id} } @members ],
-	'each member reports the ID etcd lists for it: ' . join(' ', map { $_->{id} } @members));
+my @members = EtcdLockTest::Etcd->cluster(3, name => 'm', high_ids => 1);
+is_deeply([ map { $_->status->{member_id} } @members ], [ map { $_->id } @members ],
+	'each member reports the ID etcd lists for it: ' . join(' ', map { $_->id } @members));
 SKIP:
 {
-	skip 'no cluster token gave member IDs all at or above 2^63', 1 unless $members[0]{high_ids};
-	is_deeply([ grep { !EtcdCluster::id_is_high($_->{id}) } @members ], [],
+	skip 'no cluster token gave member IDs all at or above 2^63', 1 unless $members[0]->high_ids;
+	is_deeply([ grep { !EtcdLockTest::Etcd::id_is_high($_->id) } @members ], [],
 		'every member ID is at or above 2^63');
 }
 my $dead = 'http://127.0.0.1:' . PostgreSQL::Test::Cluster::get_free_port();
 my $endpoints = join ',', $dead, map { $_->url } @members;
-my $node = EtcdServer::pg_node('cluster', $endpoints);
-
-sub leader_of
-{
-	my @l = grep { $_->{handle} && $_->is_leader } @_;
-	return @l == 1 ? $l[0] : undef;
-}
+my $node = pg_node('cluster', $endpoints);
 
 sub health
 {
@@ -58,7 +51,7 @@ sub health
 }
 
 my $leader;
-ok($members[0]->poll_until('one leader', sub { $leader = leader_of(@members) }),
+ok(poll_until(sub { $leader = EtcdLockTest::Etcd->leader_of(@members) }, undef, 'one leader'),
 	'the cluster has one leader');
 my @h = health();
 is(scalar(@h), 4, 'etcd_endpoint_health(): one row per endpoint');
@@ -76,11 +69,11 @@ $node->safe_psql('postgres', q{
 });
 
 # the survivor: a ttl-5 session lock held through the failover
-my $sv = EtcdServer::session($node);
-my $sv_pid = $sv->query_safe('SELECT pg_backend_pid()');
+my $sv = session($node);
+my $sv_pid = $sv->pid;
 my $hv = $sv->query_safe(q{SELECT etcd_lock('survivor', 5)});
 like($hv, qr{^etcd_lock/survivor/[0-9a-f]+$}, 'a ttl-5 session lock, taken through the dead endpoint');
-my $sv_lease = EtcdServer::lease_of($hv);
+my $sv_lease = lease_of($hv);
 
 # ---------------------------------------------------------------------------
 # The storm
@@ -88,25 +81,21 @@ my $sv_lease = EtcdServer::lease_of($hv);
 my @w;
 for my $k (1 .. $SESSIONS)
 {
-	my $s = EtcdServer::session($node);
+	my $s = session($node);
 	$s->query_safe('\set cur 0');
-	my $pid = $s->query_safe('SELECT pg_backend_pid()');
-	push @w, { s => $s, k => $k, i => 0, busy => 0, pid => $pid };
+	push @w, { s => $s, k => $k, i => 0, busy => 0, pid => $s->pid };
 }
 
 sub send_txn
 {
 	my ($w) = @_;
 	my ($k, $i) = ($w->{k}, ++$w->{i});
-	$w->{s}{stdin} .= qq{BEGIN;
+	$w->{s}->start(qq{BEGIN;
 SELECT etcd_xact_lock('storm') IS NOT NULL;
 SELECT n AS cur FROM counter \\gset
 UPDATE counter SET n = :cur + 1;
 INSERT INTO commits VALUES ($k, $i);
-COMMIT;
-\\echo txn-end $k $i
-\\warn txn-end $k $i
-};
+COMMIT;});
 	$w->{busy} = 1;
 	$w->{t0} = time;
 	return;
@@ -117,22 +106,20 @@ my ($t_start, $t_kill) = (time, undef);
 my ($killed, $stopping) = (undef, 0);
 my $ok_after_kill = 0;
 my @latency;
-while (1)
-{
+
+# One round over the sessions: collect the transactions that ended, start
+# the next ones, cancel one that takes too long, and kill the leader when it
+# is time; true once the storm is over.
+my $storm_round = sub {
 	my $busy = 0;
 	for my $w (@w)
 	{
 		my $s = $w->{s};
-		$s->{run}->pump_nb;
 		if ($w->{busy})
 		{
-			my $end = "txn-end $w->{k} $w->{i}\n";
-			my $pos = index($s->{stderr}, $end);
-			if ($pos >= 0 && index($s->{stdout}, $end) >= 0)
+			if ($s->done)
 			{
-				my $err = substr($s->{stderr}, 0, $pos);
-				$s->{stderr} = substr($s->{stderr}, $pos + length $end);
-				$s->{stdout} = '';
+				my (undef, undef, $err) = $s->finish;
 				my $txn = { k => $w->{k}, i => $w->{i}, after_kill => defined $t_kill };
 				push @warnings, "$w->{k}/$w->{i}: $1" while $err =~ /WARNING:  (\S+: [^\n]*)/g;
 				push @latency, time - $w->{t0};
@@ -166,8 +153,8 @@ while (1)
 	}
 	if (!$t_kill && time - $t_start >= $BEFORE_KILL && @ok >= 10)
 	{
-		$leader = leader_of(@members) // $leader;
-		note sprintf('killing the leader %s after %.1f s, %d commits', $leader->{name},
+		$leader = EtcdLockTest::Etcd->leader_of(@members) // $leader;
+		note sprintf('killing the leader %s after %.1f s, %d commits', $leader->name,
 			time - $t_start, scalar @ok);
 		$leader->stop('KILL');
 		$killed = $leader;
@@ -176,14 +163,10 @@ while (1)
 	$stopping = 1
 	  if $t_kill && time - $t_kill >= $AFTER_KILL && $ok_after_kill >= 10;
 	$stopping = 1 if time - $t_start > 45 + $TXN_LIMIT;    # keep the test bounded
-	last if $stopping && !$busy;
-	if (time - $t_start > 45 + 2 * $TXN_LIMIT)
-	{
-		fail('the storm did not end: a canceled transaction never ended');
-		last;
-	}
-	usleep(1000);
-}
+	return $stopping && !$busy;
+};
+ok(poll_until($storm_round, 45 + 2 * $TXN_LIMIT, 'the storm to end', 0.001),
+	'the storm ended: every transaction, a canceled one too, came to an end');
 my @survivors = grep { $_ != $killed } @members;
 
 note sprintf('storm: %d commits (%d after the kill), %d failures %s, %.1f s',
@@ -218,13 +201,13 @@ is_deeply([ map { "$_->{k}/$_->{i}" } grep { $committed{"$_->{k}/$_->{i}"} } @fa
 # After the failover
 # ---------------------------------------------------------------------------
 my $new_leader;
-ok($survivors[0]->poll_until('a new leader', sub { $new_leader = leader_of(@survivors) }),
+ok(poll_until(sub { $new_leader = EtcdLockTest::Etcd->leader_of(@survivors) }, undef, 'a new leader'),
 	'a survivor is the new leader');
 cmp_ok(time - $t_kill, '>', 5, 'more than the survivor lock\'s ttl has passed since the kill');
 for my $m (@survivors)
 {
 	is_deeply([ $m->keys('etcd_lock/survivor/') ], [$hv],
-		"the ttl-5 lock's key is still on survivor $m->{name}");
+		"the ttl-5 lock's key is still on survivor " . $m->name);
 }
 like($new_leader->etcdctl('lease', 'timetolive', $sv_lease), qr/remaining\([1-5]s\)/,
 	'its lease is alive, renewed through the failover');
@@ -251,11 +234,9 @@ $_->{s}->quit for @w;
 $sv->quit;
 ok($node->poll_query_until('postgres', 'SELECT count(*) = 0 FROM etcd_locks'),
 	'no row left in etcd_locks');
-ok($new_leader->poll_until('no key left', sub { scalar($new_leader->keys('etcd_lock/')) == 0 }),
-	'no key left in etcd');
-ok($new_leader->poll_until('no lease left', sub { scalar($new_leader->leases) == 0 }),
-	'no lease left in etcd');
-EtcdCluster::server_ok($node, 'end');
+$new_leader->wait_empty('etcd_lock/');
+$new_leader->no_leftovers('at the end', 'etcd_lock/');
+server_ok($node, 'end');
 
 $node->stop;
 done_testing();

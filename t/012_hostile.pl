@@ -12,14 +12,13 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdCluster;
-use EtcdServer;
+use EtcdLockTest;
 use IPC::Run;
 use IO::Socket::INET;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
 my $TIMEOUT_S = 1;          # etcd_lock.request_timeout, set by pg_node
 my $MARGIN = 5;             # allowed on top of it
@@ -158,12 +157,9 @@ sub hostile
 	my $h = IPC::Run::start([ $^X, "$dir/server.pl", $mode, $port ],
 		'<', \undef, '>>', $log, '2>&1');
 	push @servers, $h;
-	my $end = time + 30;
-	until (IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp'))
-	{
-		die "hostile server $mode did not start" if time > $end;
-		usleep(20_000);
-	}
+	poll_until(sub { IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp') },
+		30, "hostile server $mode to listen", 0.02)
+	  or die "hostile server $mode did not start";
 	return $server{$mode} = "http://127.0.0.1:$port";
 }
 
@@ -177,8 +173,8 @@ END
 	}
 }
 
-my $etcd = EtcdCluster->new(name => 'hostile_etcd');
-my $node = EtcdServer::pg_node('hostile', $etcd->url);
+my $etcd = EtcdLockTest::Etcd->new(name => 'hostile_etcd');
+my $node = pg_node('hostile', $etcd->url);
 
 # What each mode must give: SQLSTATE, the message (a regex source, %EP% the
 # endpoint) and the detail.
@@ -195,37 +191,37 @@ my %expect = (
 );
 my @modes = qw(garbage garbage500 truncated wrongtypes deep huge headers silent close);
 
-my $s = EtcdServer::session($node);
-my $pid = $s->query_safe('SELECT pg_backend_pid()');
+my $s = session($node);
+my $pid = $s->pid;
 my %observed;
 
 for my $mode (@modes)
 {
 	my $ep = hostile($mode);
-	EtcdCluster::set_conf($node, [$s], 'etcd_lock.endpoints' => $ep);
-	my ($out, $err, $elapsed) = EtcdCluster::run_sql($s, q{SELECT etcd_lock('x')});
+	set_conf($node, [$s], 'etcd_lock.endpoints' => $ep);
+	my ($out, $err, undef, $elapsed) = $s->query(q{SELECT etcd_lock('x')});
 	my ($code, $msg, $detail) = @{ $expect{$mode} };
 	my $qep = quotemeta($ep);
 	$msg =~ s/%EP%/$qep/g;
 	note "$mode: $err";
-	my $got = EtcdCluster::sqlstate($err);
-	$observed{$mode} = sprintf('%s: %s (%.2f s)', $got, EtcdCluster::errmsg($err), $elapsed);
+	my $got = sqlstate($err);
+	$observed{$mode} = sprintf('%s: %s (%.2f s)', $got, errmsg($err), $elapsed);
 	is($out, '', "$mode: no handle");
 	like($got, qr/^08/, "$mode: a class-08 error");
 	is($got, $code, "$mode: SQLSTATE $code");
-	like(EtcdCluster::errmsg($err), qr/$msg/, "$mode: a clear message");
+	like(errmsg($err), qr/$msg/, "$mode: a clear message");
 	like($err, qr/DETAIL:  [^\n]*$detail/, "$mode: the detail says what was wrong")
 	  if "$detail" ne "${\ qr//}";
 	cmp_ok($elapsed, '<', $TIMEOUT_S + $MARGIN, sprintf('%s: within the timeout plus %d s (%.2f s)',
 			$mode, $MARGIN, $elapsed));
-	my $hwm = EtcdCluster::proc_kb($pid, 'VmHWM');
+	my $hwm = proc_kb($pid, 'VmHWM');
 	cmp_ok($hwm, '<', $MAX_KB, "$mode: the backend's peak memory stays bounded ($hwm kB)");
 	is($s->query_safe('SELECT 1'), '1', "$mode: the session goes on");
-	EtcdCluster::server_ok($node, $mode);
+	server_ok($node, $mode);
 }
 
 # back to the real etcd: the same session locks
-EtcdCluster::set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
+set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
 my $h = $s->query_safe(q{SELECT etcd_lock('x')});
 like($h, qr{^etcd_lock/x/[0-9a-f]+$}, 'back on etcd: the same session locks');
 is($s->query_safe('SELECT etcd_unlock_all()'), '1', 'back on etcd: and unlocks');
@@ -239,7 +235,7 @@ is_deeply([ $etcd->leases ], [], 'no lease left in etcd');
 # then etcd is back, and the worker's retry renews the lease before it can
 # expire: the lock must survive, and so must the worker.
 # ---------------------------------------------------------------------------
-my @wpids = EtcdCluster::worker_pids($node);
+my @wpids = worker_pids($node);
 is(scalar(@wpids), 1, 'one lease worker runs');
 my $wpid = $wpids[0];
 
@@ -247,38 +243,38 @@ for my $mode (grep { $_ ne 'garbage500' } @modes)
 {
 	my $ep = hostile($mode);
 	$h = $s->query_safe(q{SELECT etcd_lock('w', 6)});
-	my $lease = EtcdServer::lease_of($h);
+	my $lease = lease_of($h);
 	my $f0 = $node->safe_psql('postgres', 'SELECT failures FROM etcd_lock_stats');
-	EtcdCluster::set_conf($node, [$s], 'etcd_lock.endpoints' => $ep);
+	set_conf($node, [$s], 'etcd_lock.endpoints' => $ep);
 	# the worker met it: a keepalive failed, or (wrongly) found the lease gone
 	ok( $node->poll_query_until('postgres', qq{SELECT failures > $f0 OR EXISTS
 			(SELECT FROM etcd_locks WHERE key = 'w' AND state = 'lost') FROM etcd_lock_stats}),
 		"worker vs $mode: a keepalive went to it");
-	EtcdCluster::set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
-	is_deeply([ EtcdCluster::worker_pids($node) ], [$wpid], "worker vs $mode: the same worker still runs");
-	my $hwm = EtcdCluster::proc_kb($wpid, 'VmHWM');
+	set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
+	is_deeply([ worker_pids($node) ], [$wpid], "worker vs $mode: the same worker still runs");
+	my $hwm = proc_kb($wpid, 'VmHWM');
 	cmp_ok($hwm, '<', $MAX_KB, "worker vs $mode: its peak memory stays bounded ($hwm kB)");
 	# renewed again on etcd: the remaining TTL is back near 6 s
-	ok( EtcdCluster::wait_until(sub {
+	ok( poll_until(sub {
 				my ($ok, $o) = $etcd->try_etcdctl('lease', 'timetolive', $lease);
-				$ok && $o =~ /remaining\([56]s\)/ }, 10),
+				$ok && $o =~ /remaining\([56]s\)/ }, 10, "worker vs $mode: a renewal on etcd"),
 		"worker vs $mode: renewed on etcd afterwards");
 	is($node->safe_psql('postgres', q{SELECT state FROM etcd_locks WHERE key = 'w'}), 'held',
 		"worker vs $mode: the lock is still held");
-	my ($out, $err) = EtcdCluster::run_sql($s, qq{SELECT etcd_unlock('$h')});
+	my ($out, $err) = $s->query(qq{SELECT etcd_unlock('$h')});
 	is($out, 't', "worker vs $mode: etcd_unlock returns true");
 	note "worker vs $mode: unlock said: $err" if $err;
-	EtcdCluster::run_sql($s, 'SELECT etcd_unlock_all()');
+	$s->query('SELECT etcd_unlock_all()');
 	is_deeply([ $etcd->leases ], [], "worker vs $mode: no lease left");
 }
-EtcdCluster::server_ok($node, 'worker');
+server_ok($node, 'worker');
 unlike(slurp_file($node->logfile), qr/lease worker" \(PID \d+\) exited/, 'the worker never exited');
 
 $s->quit;
-ok($etcd->poll_until('no key left', sub { scalar($etcd->keys('etcd_lock/')) == 0 }), 'no key left in etcd at the end');
-ok($etcd->poll_until('no lease left', sub { scalar($etcd->leases) == 0 }), 'no lease left in etcd at the end');
-is_deeply([ EtcdCluster::worker_pids($node) ], [$wpid], 'the worker that met every hostile endpoint still runs');
-EtcdCluster::server_ok($node, 'end');
+$etcd->wait_empty('etcd_lock/');
+$etcd->no_leftovers('at the end', 'etcd_lock/');
+is_deeply([ worker_pids($node) ], [$wpid], 'the worker that met every hostile endpoint still runs');
+server_ok($node, 'end');
 
 note "observed: $_ => $observed{$_}" for @modes;
 $node->stop;

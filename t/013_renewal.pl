@@ -22,18 +22,16 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdCluster;
-use EtcdServer;
+use EtcdLockTest;
 use IO::Select;
 use IO::Socket::INET;
 use JSON::PP;
-use List::Util qw(min);
 use Math::BigInt;
 use MIME::Base64;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
-use Time::HiRes qw(time usleep);
+use Time::HiRes qw(time);
 
 # pg_node sets request_timeout = 1s; put back the default, as a user has it
 my $CONF = "etcd_lock.request_timeout = '2s'\n";
@@ -47,46 +45,16 @@ my $T0 = time;
 # Helpers
 # ---------------------------------------------------------------------------
 
-sub postmaster_pid
-{
-	my ($node) = @_;
-	open my $fh, '<', $node->data_dir . '/postmaster.pid' or return '';
-	my $pid = <$fh> // '';
-	close $fh;
-	chomp $pid;
-	return $pid;
-}
-
-sub stat_of { my ($node, $col) = @_; return EtcdServer::stat_value($node, $col); }
-
 # A node preloading etcd_lock with the default request_timeout.
 sub new_node
 {
 	my ($name, $endpoints, $extra) = @_;
-	my $node = EtcdServer::pg_node($name, $endpoints, $CONF . ($extra // ''));
+	my $node = pg_node($name, $endpoints, $CONF . ($extra // ''));
 	is($node->safe_psql('postgres', 'SHOW etcd_lock.request_timeout'), '2s',
 		"$name: etcd_lock.request_timeout is the default, 2s");
 	is($node->safe_psql('postgres', 'SHOW etcd_lock.endpoints'), $endpoints,
 		"$name: endpoints $endpoints");
-	$node->{pm_at_start} = postmaster_pid($node);
-	$node->{worker_at_start} = join ',', EtcdCluster::worker_pids($node);
 	return $node;
-}
-
-# The server did not crash: it answers, its postmaster is the one it started
-# with, and its log has no process killed by a signal and no PANIC.
-sub server_ok
-{
-	my ($node, $what) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	is($node->safe_psql('postgres', 'SELECT 1'), '1', "$what: the server answers");
-	is(postmaster_pid($node), $node->{pm_at_start}, "$what: the postmaster is the same process");
-	ok(kill(0, $node->{pm_at_start}), "$what: and it is alive");
-	unlike(slurp_file($node->logfile), qr/terminated by signal|was terminated|PANIC/,
-		"$what: no process died of a signal, no PANIC in the server log");
-	my $w = join ',', EtcdCluster::worker_pids($node);
-	note "$what: lease worker pid $node->{worker_at_start} at start, $w now";
-	return;
 }
 
 # $n sessions, each taking one lock "$tag-$k" with ttl $ttl, all at once.
@@ -96,19 +64,19 @@ sub take_locks
 	my @l;
 	for my $k (1 .. $n)
 	{
-		my $s = EtcdServer::session($node);
-		push @l, { s => $s, pid => $s->query_safe('SELECT pg_backend_pid()'),
-			name => "$tag-$k", ttl => $ttl };
+		my $s = session($node);
+		push @l, { s => $s, pid => $s->pid, name => "$tag-$k", ttl => $ttl };
 	}
 	my $t0 = time;
-	EtcdServer::start_statement($_->{s}, "SELECT etcd_lock('$_->{name}', $ttl);") for @l;
+	$_->{s}->start("SELECT etcd_lock('$_->{name}', $ttl)") for @l;
 	for my $l (@l)
 	{
-		my ($done, $out, $err) = EtcdServer::finish_statement($l->{s}, 60);
-		($l->{handle}) = $out =~ m{^(etcd_lock/\Q$l->{name}\E/[0-9a-f]+)$}m;
+		my ($done, $out, $err) = $l->{s}->finish(60);
+		$err //= '';
+		($l->{handle}) = ($out // '') =~ m{^(etcd_lock/\Q$l->{name}\E/[0-9a-f]+)$}m;
 		$l->{handle} //= '';
 		$l->{orig} = $l->{handle};
-		$l->{lease} = EtcdServer::lease_of($l->{handle}) // '';
+		$l->{lease} = lease_of($l->{handle}) // '';
 		note "$tag: $l->{name} (pid $l->{pid}): ended=$done handle=$l->{handle}"
 		  . ($err =~ /\S/ ? " stderr: $err" : '');
 	}
@@ -150,7 +118,7 @@ sub etcd_keys
 }
 
 # The locks' original keys and leases, as etcd should still have them.
-sub expected_keys { my ($l) = @_; return { map { $_->{orig} => EtcdServer::lease_of($_->{orig}) } @$l }; }
+sub expected_keys { my ($l) = @_; return { map { $_->{orig} => lease_of($_->{orig}) } @$l }; }
 
 # Every lock held: the view says 'held' for every session, stats.lost did
 # not grow since $lost0, and etcd has every original key on its original
@@ -163,7 +131,7 @@ sub check_locks
 	is_deeply({ map { $_->{pid} => ($v->{ $_->{pid} }{state} // 'no row') } @$l },
 		{ map { $_->{pid} => 'held' } @$l },
 		"$what: etcd_locks says 'held' for every session's lock");
-	is(stat_of($node, 'lost') - $lost0, 0, "$what: etcd_lock_stats.lost is 0");
+	is(stat_value($node, 'lost') - $lost0, 0, "$what: etcd_lock_stats.lost is 0");
 	is_deeply(etcd_keys($m), expected_keys($l),
 		"$what: every lock key is in etcd, on the lease it was taken with");
 	return;
@@ -177,11 +145,9 @@ sub hold
 	my ($what, $secs, $node, $m, $l) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
 	my $t0 = time;
-	my $end = $t0 + $secs;
 	my $want = expected_keys($l);
 	my ($samples, $unanswered, @missing, %lost_at) = (0, 0);
-	while (1)
-	{
+	sample_for($secs, 2, sub {
 		my $e = etcd_keys($m);
 		my $at = sprintf('%.1f s', time - $t0);
 		if ($e)
@@ -199,9 +165,7 @@ sub hold
 			my $st = $v->{ $_->{pid} }{state} // 'no row';
 			$lost_at{ $_->{name} } //= "$st at $at" if $st ne 'held';
 		}
-		last if time >= $end;
-		usleep(1e6 * min(2, List::Util::max(0, $end - time)));
-	}
+	});
 	note sprintf('%s: held %.1f s, %d checks of etcd (%d unanswered)', $what, time - $t0,
 		$samples, $unanswered);
 	note "$what: $_ became $lost_at{$_}" for sort keys %lost_at;
@@ -219,15 +183,15 @@ sub release_all
 	my @r;
 	for (@$l)
 	{
-		my ($out, $err) = EtcdCluster::run_sql($_->{s}, "SELECT etcd_unlock('$_->{handle}')");
+		my ($out, $err) = $_->{s}->query("SELECT etcd_unlock('$_->{handle}')");
 		push @r, $out;
 		note "$what: unlock $_->{handle}: $out $err" if $err =~ /\S/;
 	}
 	is(join(',', @r), join(',', ('t') x @$l), "$what: etcd_unlock returns true for every lock");
 	$_->{s}->quit for @$l;
-	ok(EtcdServer::poll_sql($node, q{SELECT leases || '/' || locks FROM etcd_lock_stats}, '0/0', 20),
+	ok($node->poll_query_until('postgres', q{SELECT leases = 0 AND locks = 0 FROM etcd_lock_stats}),
 		"$what: etcd_lock_stats.leases and .locks are 0 once the sessions closed");
-	$m->poll_until("$what: etcd empty", sub { !scalar($m->keys('')) && !scalar($m->leases) }, 20);
+	$m->wait_empty('', 20);
 	$m->no_leftovers($what);
 	return;
 }
@@ -235,19 +199,13 @@ sub release_all
 # ---------------------------------------------------------------------------
 # The 3-member cluster of parts a and b
 # ---------------------------------------------------------------------------
-my @members = EtcdCluster->cluster(3, name => 'r');
-
-sub leader_of
-{
-	my @l = grep { $_->{handle} && $_->is_leader } @_;
-	return @l == 1 ? $l[0] : undef;
-}
+my @members = EtcdLockTest::Etcd->cluster(3, name => 'r');
 
 # Every member answers and names the same leader, which is one of them (by
 # the member IDs etcd reports): that leader, else undef.
 sub cluster_whole
 {
-	my @st = map { $_->{handle} ? $_->status : undef } @members;
+	my @st = map { $_->running ? $_->status : undef } @members;
 	return undef if grep { !defined } @st;
 	my %leaders = map { $_->{leader} => 1 } @st;
 	return undef unless keys(%leaders) == 1;
@@ -261,15 +219,15 @@ sub wait_whole
 {
 	my ($what) = @_;
 	my $l;
-	$members[0]->poll_until("$what: cluster whole", sub { $l = cluster_whole() }, 60);
+	poll_until(sub { $l = cluster_whole() }, 60, "$what: cluster whole");
 	return $l;
 }
 
 # keepalives each member handled so far (gateway calls are counted too)
-sub ka_by_member { return { map { $_->{name} => $_->grpc_calls('LeaseKeepAlive') } @members }; }
+sub ka_by_member { return { map { $_->name => $_->grpc_calls('LeaseKeepAlive') } @members }; }
 
 my $leader = wait_whole('start');
-ok($leader, 'the cluster is up, all three members agree on one leader: ' . ($leader ? $leader->{name} : 'none'));
+ok($leader, 'the cluster is up, all three members agree on one leader: ' . ($leader ? $leader->name : 'none'));
 
 # ---------------------------------------------------------------------------
 # a. ttl-5 locks through a follower freeze and three leader kills
@@ -279,20 +237,19 @@ ok($leader, 'the cluster is up, all three members agree on one leader: ' . ($lea
 	my @followers = grep { $_ != $leader } @members;
 	# followers first: the worker starts with the first endpoint
 	my $node = new_node('renew_a', join(',', map { $_->url } @followers, $leader));
-	my $lost_part = stat_of($node, 'lost');
+	my $lost_part = stat_value($node, 'lost');
 	my @l = take_locks($node, 'a', 4, $TTL_A);
 	check_locks('a: before the faults', $node, $leader, \@l, $lost_part);
 
 	# Freeze the follower that the worker renews through (the first one if it
 	# renews through the leader): measured from etcd's own counters.
 	my $ka_m = ka_by_member();
-	my $ka0 = stat_of($node, 'keepalives');
-	$leader->poll_until('a: the worker renews',
-		sub { stat_of($node, 'keepalives') >= $ka0 + 2 * @l }, 20);
-	my %d = map { $_->{name} => $_->grpc_calls('LeaseKeepAlive') - $ka_m->{ $_->{name} } } @members;
+	my $ka0 = stat_value($node, 'keepalives');
+	poll_until(sub { stat_value($node, 'keepalives') >= $ka0 + 2 * @l }, 20, 'a: the worker renews');
+	my %d = map { $_->name => $_->grpc_calls('LeaseKeepAlive') - $ka_m->{ $_->name } } @members;
 	note 'a: keepalives handled per member before the freeze: ' . join(' ', map { "$_=$d{$_}" } sort keys %d);
-	my ($target) = sort { $d{ $b->{name} } <=> $d{ $a->{name} } } @followers;
-	$target = $followers[0] unless $d{ $target->{name} } > 0;
+	my ($target) = sort { $d{ $b->name } <=> $d{ $a->name } } @followers;
+	$target = $followers[0] unless $d{ $target->name } > 0;
 
 	# One fault, then its verdict: once the cluster is whole again, wait
 	# until a whole ttl (+1 s) has passed and each lease still held got two
@@ -303,54 +260,55 @@ ok($leader, 'the cluster is up, all three members agree on one leader: ' . ($lea
 	my $verdict = sub {
 		my ($what, $lost0) = @_;
 		my $t_whole = time;
-		my $k0 = stat_of($node, 'keepalives');
+		my $k0 = stat_value($node, 'keepalives');
 		my $held = sub {
 			scalar grep { $_ eq 'held' } split /\n/,
 			  $node->safe_psql('postgres', 'SELECT state FROM etcd_locks');
 		};
-		$leader->poll_until("$what: a ttl after recovery",
-			sub { time >= $t_whole + $TTL_A + 1 && stat_of($node, 'keepalives') >= $k0 + 2 * $held->() },
-			30);
+		poll_until(sub {
+				time >= $t_whole + $TTL_A + 1
+				  && stat_value($node, 'keepalives') >= $k0 + 2 * $held->() },
+			30, "$what: a ttl after recovery");
 		my $v = view_rows($node);
 		my @gone = grep { ($v->{ $_->{pid} }{state} // 'no row') ne 'held' } @l;
-		is(stat_of($node, 'lost') - $lost0, 0, "$what: no lock lost (etcd_lock_stats.lost)");
+		is(stat_value($node, 'lost') - $lost0, 0, "$what: no lock lost (etcd_lock_stats.lost)");
 		is(join(' ', map { "$_->{name}=" . ($v->{ $_->{pid} }{state} // 'no row') } @gone), '',
 			"$what: etcd_locks still says 'held' for all four");
 		for my $g (@gone)
 		{
-			my ($out, $err) = EtcdCluster::run_sql($g->{s}, 'SELECT etcd_unlock_all()');
-			($out, $err) = EtcdCluster::run_sql($g->{s}, "SELECT etcd_lock('$g->{name}', $TTL_A)");
+			my ($out, $err) = $g->{s}->query('SELECT etcd_unlock_all()');
+			($out, $err) = $g->{s}->query("SELECT etcd_lock('$g->{name}', $TTL_A)");
 			note "$what: $g->{name} lost; taken again: $out";
 			$g->{handle} = $out if $out =~ m{^etcd_lock/};
 		}
 	};
 
-	my $lost0 = stat_of($node, 'lost');
+	my $lost0 = stat_value($node, 'lost');
 	note "a: freezing follower $target->{name} for $FREEZE_A s (leader $leader->{name})";
 	$target->pause;
 	hold("a: follower $target->{name} frozen", $FREEZE_A, $node, $leader, \@l);
 	$target->resume;
 	$target->wait_healthy;
 	my $l2 = wait_whole('a: after the freeze');
-	note 'a: leader after the freeze: ' . ($l2 ? $l2->{name} : 'none');
+	note 'a: leader after the freeze: ' . ($l2 ? $l2->name : 'none');
 	$verdict->("a: $FREEZE_A s freeze of follower $target->{name}", $lost0);
 
 	for my $i (1 .. 3)
 	{
 		my $victim = wait_whole("a: before kill $i");
-		$lost0 = stat_of($node, 'lost');
+		$lost0 = stat_value($node, 'lost');
 		my @surv = grep { $_ != $victim } @members;
 		$victim->stop('KILL');
 		my $t_kill = time;
 		my $new;
-		ok($surv[0]->poll_until("a: kill $i: new leader", sub { $new = leader_of(@surv) }, 30),
+		ok(poll_until(sub { $new = EtcdLockTest::Etcd->leader_of(@surv) }, 30, "a: kill $i: new leader"),
 			"a: kill $i: a survivor was elected leader");
-		note sprintf('a: kill %d: leader %s killed, %s leader %.1f s later', $i, $victim->{name},
-			$new ? $new->{name} : 'none', time - $t_kill);
+		note sprintf('a: kill %d: leader %s killed, %s leader %.1f s later', $i, $victim->name,
+			$new ? $new->name : 'none', time - $t_kill);
 		$victim->start;
 		my $w = wait_whole("a: kill $i: restarted");
 		ok($w, "a: kill $i: $victim->{name} restarted, three members agree on leader "
-			  . ($w ? $w->{name} : 'none'));
+			  . ($w ? $w->name : 'none'));
 		note sprintf('a: kill %d: cluster whole %.1f s after the kill', $i, time - $t_kill);
 		$verdict->("a: leader kill $i", $lost0);
 	}
@@ -377,7 +335,7 @@ ok($leader, 'the cluster is up, all three members agree on one leader: ' . ($lea
 		my $tag = "b$n";
 		$leader = wait_whole("$tag: start");
 		ok($leader && $leader != $frozen, "$tag: the first endpoint, $frozen->{name}, is a follower");
-		my $lost0 = stat_of($node, 'lost');
+		my $lost0 = stat_value($node, 'lost');
 		my @l = take_locks($node, $tag, $n, $TTL_BC);
 		check_locks("$tag: before the freeze", $node, $leader, \@l, $lost0);
 		$frozen->pause;
@@ -400,8 +358,10 @@ $_->stop for @members;
 # ---------------------------------------------------------------------------
 {
 	my $t_part = time;
-	my $etcd = EtcdCluster->new(name => 'auth');
-	$etcd->enable_auth;
+	my $etcd = EtcdLockTest::Etcd->new(name => 'auth');
+	$etcd->enable_auth('secret');
+	my $pw_file = PostgreSQL::Test::Utils::tempdir('renew_c') . '/pglock.pw';
+	PostgreSQL::Test::Utils::append_to_file($pw_file, "secret\n");
 	my ($ok) = $etcd->try_etcdctl('--dial-timeout=2s', '--command-timeout=2s', '--user', 'pglock:wrong',
 		'get', 'etcd_lock/x');
 	ok(!$ok, 'c: auth is on: etcd refuses a wrong password');
@@ -424,20 +384,20 @@ $_->stop for @members;
 	my $black = "http://127.0.0.1:$bh_port";
 	my $node = new_node('renew_c', "$black," . $etcd->url, qq{
 etcd_lock.user = 'pglock'
-etcd_lock.password = 'secret'
+etcd_lock.password_file = '$pw_file'
 });
-	my $lost0 = stat_of($node, 'lost');
-	my $fail0 = stat_of($node, 'failures');
+	my $lost0 = stat_value($node, 'lost');
+	my $fail0 = stat_value($node, 'failures');
 	my @l = take_locks($node, 'c', 3, $TTL_BC);
 	note 'c: requests that failed while taking the locks (the black hole): '
-	  . (stat_of($node, 'failures') - $fail0);
+	  . (stat_value($node, 'failures') - $fail0);
 	check_locks('c: before the hold', $node, $etcd, \@l, $lost0);
 
-	my $ka0 = stat_of($node, 'keepalives');
+	my $ka0 = stat_value($node, 'keepalives');
 	my $eka0 = $etcd->grpc_calls('LeaseKeepAlive');
 	hold('c: black-holed first endpoint, auth on', $HOLD, $node, $etcd, \@l);
 	check_locks("c: after $HOLD s behind the black hole", $node, $etcd, \@l, $lost0);
-	my $ka = stat_of($node, 'keepalives') - $ka0;
+	my $ka = stat_value($node, 'keepalives') - $ka0;
 	my $eka = $etcd->grpc_calls('LeaseKeepAlive') - $eka0;
 	note "c: over $HOLD s: etcd_lock_stats.keepalives +$ka, keepalives handled by etcd +$eka";
 	# to live 25 s, a ttl-10 lease needs at least two renewals

@@ -25,9 +25,8 @@ use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 
-use EtcdServer;
+use EtcdLockTest;
 use IO::Socket::INET;
-use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -40,153 +39,26 @@ my $AT_ONCE = 3;    # "at once": request_timeout (1 s) plus a margin
 # Helpers (this file's own)
 # ---------------------------------------------------------------------------
 
-# Poll $cond every 50 ms for at most $bound seconds; true if it came true.
-sub wait_for
-{
-	my ($cond, $bound) = @_;
-	my $end = time + $bound;
-	while (time < $end)
-	{
-		return 1 if $cond->();
-		usleep(50_000);
-	}
-	return $cond->() ? 1 : 0;
-}
-
-# A background psql that goes on after errors and prints SQLSTATEs; its
-# timeout is per query, since this file runs for minutes.
-sub session
-{
-	my ($node) = @_;
-	my $bg = $node->background_psql('postgres', on_error_stop => 0);
-	$bg->set_query_timer_restart;
-	$bg->query_safe('\set VERBOSITY verbose');
-	my $pid = $bg->query_safe('SELECT pg_backend_pid()');
-	return { bg => $bg, pid => $pid, node => $node, n => 0 };
-}
-
-# Send one statement without waiting for its end; returns once psql has
-# read it (the echo before it came back).
-sub start_sql
-{
-	my ($s, $sql) = @_;
-	my $bg = $s->{bg};
-	my $n = ++$s->{n};
-	$bg->{stdout} = '';
-	$bg->{stderr} = '';
-	$s->{marker} = "lc-stmt-$n-end";
-	$s->{t0} = time;
-	$bg->{timeout}->start;    # its IPC::Run timer, per statement
-	$bg->{stdin} .= "\\echo lc-stmt-$n-start\n$sql;\n\\echo $s->{marker}\n\\warn $s->{marker}\n";
-	# keep what follows the start marker: a quick statement's output may
-	# arrive with it
-	my $end = time + 60;
-	until ($bg->{stdout} =~ s/^.*?lc-stmt-$n-start\n//s)
-	{
-		die "psql did not start the statement: $sql" if time > $end || !$bg->{run}->pumpable;
-		$bg->{run}->pump_nb;
-		usleep(2_000);
-	}
-	return;
-}
-
-# Wait at most $limit seconds for the statement sent by start_sql; returns
-# (ended, stdout, stderr, seconds since it was sent).  One that has not
-# ended is cancelled, so the session can go on.
-sub finish_sql
-{
-	my ($s, $limit) = @_;
-	my $bg = $s->{bg};
-	my $m = $s->{marker};
-	my $end = time + $limit;
-	my $done = 0;
-	while (1)
-	{
-		$bg->{run}->pump_nb;
-		if ($bg->{stdout} =~ /$m\n/ && $bg->{stderr} =~ /$m\n/)
-		{
-			$done = 1;
-			last;
-		}
-		last if time > $end || !$bg->{run}->pumpable;
-		usleep(10_000);
-	}
-	my $elapsed = time - $s->{t0};
-	if (!$done && $bg->{run}->pumpable)
-	{
-		diag "statement still running after $limit s: cancelling it";
-		$s->{node}->safe_psql('postgres', "SELECT pg_cancel_backend($s->{pid})");
-		my $end2 = time + 10;
-		while (time < $end2)
-		{
-			$bg->{run}->pump_nb;
-			last if $bg->{stdout} =~ /$m\n/ && $bg->{stderr} =~ /$m\n/;
-			usleep(10_000);
-		}
-	}
-	my ($out, $err) = ($bg->{stdout}, $bg->{stderr});
-	$bg->{stdout} = '';
-	$bg->{stderr} = '';
-	$out =~ s/$m\n//;
-	$err =~ s/$m\n//;
-	chomp $out;
-	return ($done, $out, $err, $elapsed);
-}
-
-# One statement, waited for: (stdout, stderr, seconds).
-sub run_sql
+# One statement, waited for at most $limit seconds (30): (stdout, stderr,
+# seconds).  One that has not ended by then is a failure, and is cancelled
+# so that the session can go on.
+sub bounded_sql
 {
 	my ($s, $sql, $limit) = @_;
-	start_sql($s, $sql);
-	my ($done, $out, $err, $elapsed) = finish_sql($s, $limit // 30);
-	fail("statement ended within " . ($limit // 30) . " s: $sql") unless $done;
-	return ($out, $err, $elapsed);
+	$limit //= 30;
+	$s->start($sql);
+	return bounded_finish($s, $sql, $limit);
 }
 
-# The SQLSTATE of the first ERROR in verbose psql output, or ''.
-sub sqlstate
+sub bounded_finish
 {
-	my ($err) = @_;
-	return $err =~ /ERROR:  ([0-9A-Z]{5}):/ ? $1 : '';
-}
-
-sub quit_session
-{
-	my ($s) = @_;
-	my $bg = $s->{bg};
-	$bg->{stdin} .= "\\q\n";
-	eval { $bg->{run}->finish; };
-	return;
-}
-
-# etcd_lock_stats as a hash; a column this build lacks is simply absent.
-sub stats
-{
-	my ($node) = @_;
-	return decode_json($node->safe_psql('postgres',
-			'SELECT row_to_json(s) FROM etcd_lock_stats s'));
-}
-
-sub postmaster_pid
-{
-	my ($node) = @_;
-	open my $fh, '<', $node->data_dir . '/postmaster.pid' or return 0;
-	my $pid = <$fh>;
-	close $fh;
-	chomp $pid;
-	return $pid;
-}
-
-# The server answers, nothing crashed, the postmaster is the one it was.
-sub server_ok
-{
-	my ($node, $pm, $what) = @_;
-	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	is($node->safe_psql('postgres', 'SELECT 1'), '1', "$what: the server answers");
-	my $log = slurp_file($node->logfile);
-	unlike($log, qr/terminated by signal|PANIC/, "$what: no process crashed, no PANIC");
-	is(postmaster_pid($node), $pm, "$what: the postmaster is the same ($pm)");
-	return;
+	my ($s, $sql, $limit) = @_;
+	my ($done, $out, $err, undef, $secs) = $s->finish($limit);
+	return ($out, $err, $secs) if $done;
+	fail("statement ended within $limit s: $sql");
+	$s->cancel;
+	(undef, $out, $err, undef, $secs) = $s->finish(10);
+	return ($out // '', $err // '', $secs // $limit);
 }
 
 # Once settled: no lease renewed, no lock, no lease being revoked.
@@ -194,31 +66,21 @@ sub settled
 {
 	my ($node, $what) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	EtcdServer::poll_sql($node, 'SELECT leases = 0 AND locks = 0 FROM etcd_lock_stats', 't',
-		$SETTLE);
+	$node->poll_query_until('postgres',
+		'SELECT leases = 0 AND locks = 0 AND revoking = 0 FROM etcd_lock_stats');
 	my $st = stats($node);
 	is($st->{leases}, 0, "$what: etcd_lock_stats.leases = 0");
 	is($st->{locks}, 0, "$what: etcd_lock_stats.locks = 0");
-	if (exists $st->{revoking})
-	{
-		EtcdServer::poll_sql($node, 'SELECT revoking FROM etcd_lock_stats', '0', $SETTLE);
-		is(stats($node)->{revoking}, 0, "$what: etcd_lock_stats.revoking = 0");
-	}
-	else
-	{
-		fail("$what: etcd_lock_stats.revoking = 0");
-		diag 'etcd_lock_stats has no column revoking on this build';
-	}
+	is($st->{revoking}, 0, "$what: etcd_lock_stats.revoking = 0");
 	return;
 }
 
 # Once settled: no key and no lease in etcd.
 sub etcd_clean
 {
-	my ($etcd, $what, $bound) = @_;
+	my ($etcd, $what) = @_;
 	local $Test::Builder::Level = $Test::Builder::Level + 1;
-	wait_for(sub { scalar($etcd->keys('')) == 0 && scalar($etcd->leases) == 0 },
-		$bound // $SETTLE);
+	$etcd->wait_empty('', $SETTLE);
 	$etcd->no_leftovers($what);
 	return;
 }
@@ -242,34 +104,6 @@ sub backends_gone
 	my $list = join ',', @pids;
 	return $node->safe_psql('postgres',
 		"SELECT count(*) FROM pg_stat_activity WHERE pid IN ($list)") eq '0';
-}
-
-# The lease worker's pid: from pg_stat_activity, else etcd_lock_stats's
-# worker_pid, else the postmaster's child titled "etcd_lock lease worker"
-# (checked by parent pid: other tests' servers run workers too).
-sub worker_pid
-{
-	my ($node) = @_;
-	my $pid = $node->safe_psql('postgres',
-		q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'etcd_lock lease worker'});
-	return ($pid, 'pg_stat_activity') if $pid =~ /^\d+$/;
-	my $st = stats($node);
-	return ($st->{worker_pid}, 'etcd_lock_stats.worker_pid')
-	  if defined $st->{worker_pid} && $st->{worker_pid} > 0;
-	my $pm = postmaster_pid($node);
-	opendir my $d, '/proc' or die "/proc: $!";
-	for my $p (grep { /^\d+$/ } readdir $d)
-	{
-		open my $fh, '<', "/proc/$p/cmdline" or next;
-		my $cmd = do { local $/; <$fh> } // '';
-		close $fh;
-		next unless $cmd =~ /etcd_lock lease worker/;
-		open my $sf, '<', "/proc/$p/status" or next;
-		my ($ppid) = map { /^PPid:\s+(\d+)/ ? $1 : () } <$sf>;
-		close $sf;
-		return ($p, '/proc') if ($ppid // 0) == $pm;
-	}
-	return (undef, 'not found');
 }
 
 # A loopback TCP listener that never accepts: the kernel completes the
@@ -297,10 +131,9 @@ END
 # ===========================================================================
 # Node lc_small: max_locks = 16 (the minimum)
 # ===========================================================================
-my $etcd_s = EtcdServer->new(name => 'lc_small_etcd');
-my $small = EtcdServer::pg_node('lc_small', $etcd_s->url,
+my $etcd_s = EtcdLockTest::Etcd->new(name => 'lc_small_etcd');
+my $small = pg_node('lc_small', $etcd_s->url,
 	"etcd_lock.max_locks = 16\nmax_connections = 40\n");
-my $small_pm = postmaster_pid($small);
 is($small->safe_psql('postgres', 'SHOW etcd_lock.max_locks'), '16', 'lc_small: max_locks is 16');
 
 # ---------------------------------------------------------------------------
@@ -310,7 +143,7 @@ my @holders = map { session($small) } 1 .. 16;
 my @hh;
 for my $i (0 .. 15)
 {
-	my ($h) = run_sql($holders[$i], "SELECT etcd_lock('full-$i', 10)");
+	my ($h) = bounded_sql($holders[$i], "SELECT etcd_lock('full-$i', 10)");
 	push @hh, $h;
 }
 is(scalar(grep { m{^etcd_lock/full-\d+/[0-9a-f]+$} } @hh), 16, 'full table: 16 sessions hold a lock each');
@@ -321,7 +154,7 @@ is(stats($small)->{locks}, 16, 'full table: 16 locks');
 	my @etcd_leases0 = sort $etcd_s->leases;
 	my $st0 = stats($small);
 	my $n = session($small);
-	my ($out, $err, $elapsed) = run_sql($n, q{SELECT etcd_lock('one-more', 5)});
+	my ($out, $err, $elapsed) = bounded_sql($n, q{SELECT etcd_lock('one-more', 5)});
 	note "$what: etcd_lock('one-more', 5) said: $err";
 	is($out, '', "$what: no handle");
 	is(sqlstate($err), '53200', "$what: etcd_lock fails with SQLSTATE 53200");
@@ -334,8 +167,8 @@ is(stats($small)->{locks}, 16, 'full table: 16 locks');
 	is($st1->{locks}, $st0->{locks}, "$what: etcd_lock_stats.locks unchanged ($st0->{locks})");
 	is($small->safe_psql('postgres', "SELECT count(*) FROM etcd_locks WHERE pid = $n->{pid}"), '0',
 		"$what: no etcd_locks row for the session that failed");
-	server_ok($small, $small_pm, $what);
-	quit_session($n);
+	server_ok($small, $what);
+	$n->quit;
 }
 
 # ---------------------------------------------------------------------------
@@ -346,14 +179,14 @@ is(stats($small)->{locks}, 16, 'full table: 16 locks');
 	my $unlocked = 0;
 	for my $i (0 .. 15)
 	{
-		my ($out) = run_sql($holders[$i], "SELECT etcd_unlock('$hh[$i]')");
+		my ($out) = bounded_sql($holders[$i], "SELECT etcd_unlock('$hh[$i]')");
 		$unlocked++ if $out eq 't';
 	}
 	is($unlocked, 16, "$what: 16 sessions unlocked (and stay connected)");
 	is($small->safe_psql('postgres', 'SELECT count(*) FROM etcd_locks'), '0',
 		"$what: no lock is held");
 	my $n17 = session($small);
-	my ($out, $err, $elapsed) = run_sql($n17, q{SELECT etcd_lock('n17', 5)});
+	my ($out, $err, $elapsed) = bounded_sql($n17, q{SELECT etcd_lock('n17', 5)});
 	note "$what: etcd_lock('n17', 5) said: $err" if $err;
 	like($out, qr{^etcd_lock/n17/[0-9a-f]+$}, "$what: a 17th session's etcd_lock('n17', 5) succeeds")
 	  or diag "stderr: $err";
@@ -362,13 +195,13 @@ is(stats($small)->{locks}, 16, 'full table: 16 locks');
 	if ($out =~ m{^etcd_lock/})
 	{
 		ok(has_key($etcd_s, $out), "$what: its key is in etcd");
-		is((run_sql($n17, "SELECT etcd_unlock('$out')"))[0], 't', "$what: it unlocks");
+		is((bounded_sql($n17, "SELECT etcd_unlock('$out')"))[0], 't', "$what: it unlocks");
 	}
-	quit_session($n17);
-	quit_session($_) for @holders;
+	$n17->quit;
+	$_->quit for @holders;
 	settled($small, "$what, all sessions gone");
 	etcd_clean($etcd_s, "$what, all sessions gone");
-	server_ok($small, $small_pm, $what);
+	server_ok($small, $what);
 }
 
 # ---------------------------------------------------------------------------
@@ -380,7 +213,7 @@ is(stats($small)->{locks}, 16, 'full table: 16 locks');
 	my $taken = 0;
 	for my $i (0 .. 15)
 	{
-		my ($h) = run_sql($s[$i], "SELECT etcd_lock('leak-$i', 5)");
+		my ($h) = bounded_sql($s[$i], "SELECT etcd_lock('leak-$i', 5)");
 		$taken++ if $h =~ m{^etcd_lock/leak-$i/[0-9a-f]+$};
 	}
 	is($taken, 16, "$what: 16 sessions hold a ttl-5 lock each");
@@ -396,23 +229,23 @@ is(stats($small)->{locks}, 16, 'full table: 16 locks');
 	my $late_pids = join ',', map { $_->{pid} } @late;
 	$etcd_s->pause;
 	my $t_pause = time;
-	quit_session($_) for @early;
-	my $lost = wait_for(sub {
+	$_->quit for @early;
+	my $lost = poll_until(sub {
 			$small->safe_psql('postgres',
 				"SELECT count(*) FROM etcd_locks WHERE pid IN ($late_pids) AND state = 'lost'") eq '8'
-		}, 5.5 - (time - $t_pause));
+		}, 5.5 - (time - $t_pause), 'the late sessions\' locks to show lost');
 	note sprintf("%s: %s %.2f s into the freeze", $what,
 		$lost ? "the other 8 sessions' locks show 'lost'" : "the other 8 sessions' locks do not show 'lost'",
 		time - $t_pause);
-	quit_session($_) for @late;
-	ok(wait_for(sub { backends_gone($small, @pids) }, 6.9 - (time - $t_pause)),
+	$_->quit for @late;
+	ok(poll_until(sub { backends_gone($small, @pids) }, 6.9 - (time - $t_pause), 'the backends to end'),
 		"$what: the 16 sessions ended during the freeze");
 	note sprintf('%s: the 16 backends were gone %.2f s into the freeze', $what, time - $t_pause);
 	my $left = 7 - (time - $t_pause);
 	Time::HiRes::sleep($left) if $left > 0;    # the freeze lasts 7 s
 	$etcd_s->resume;
 
-	my ($out, $err, $elapsed) = run_sql($x, q{SELECT etcd_lock('x', 5)});
+	my ($out, $err, $elapsed) = bounded_sql($x, q{SELECT etcd_lock('x', 5)});
 	note "$what: etcd_lock('x', 5) right after the resume said: $err" if $err;
 	like($out, qr{^etcd_lock/x/[0-9a-f]+$}, "$what: right after the resume, a new session's etcd_lock('x', 5) succeeds")
 	  or diag "stderr: $err\netcd_lock_stats right after: "
@@ -423,12 +256,12 @@ is(stats($small)->{locks}, 16, 'full table: 16 locks');
 	if ($out =~ m{^etcd_lock/})
 	{
 		ok(has_key($etcd_s, $out), "$what: its key is in etcd");
-		is((run_sql($x, "SELECT etcd_unlock('$out')"))[0], 't', "$what: it unlocks");
+		is((bounded_sql($x, "SELECT etcd_unlock('$out')"))[0], 't', "$what: it unlocks");
 	}
-	quit_session($x);
+	$x->quit;
 	settled($small, $what);
 	etcd_clean($etcd_s, $what);
-	server_ok($small, $small_pm, $what);
+	server_ok($small, $what);
 }
 $small->stop;
 
@@ -437,32 +270,37 @@ $small->stop;
 # ===========================================================================
 {
 	my $what = 'unlock_all vs worker';
-	my $etcd_c = EtcdServer->new(name => 'lc_slow_etcd');
+	my $etcd_c = EtcdLockTest::Etcd->new(name => 'lc_slow_etcd');
 	my @slow = map { silent_endpoint() } 1 .. 3;
-	my $slow = EtcdServer::pg_node('lc_slow', join(',', $etcd_c->url, @slow));
-	my $slow_pm = postmaster_pid($slow);
+	my $slow = pg_node('lc_slow', join(',', $etcd_c->url, @slow));
 
 	my $sa = session($slow);
 	my $sb = session($slow);
 	my %h;
-	($h{u1}) = run_sql($sa, q{SELECT etcd_lock('u1', 60)});
-	($h{u2}) = run_sql($sa, q{SELECT etcd_lock('u2', 60)});
+	($h{u1}) = bounded_sql($sa, q{SELECT etcd_lock('u1', 60)});
+	($h{u2}) = bounded_sql($sa, q{SELECT etcd_lock('u2', 60)});
 	like($h{$_}, qr{^etcd_lock/$_/[0-9a-f]+$}, "$what: A holds $_") for qw(u1 u2);
-	is(EtcdServer::lease_of($h{u1}), EtcdServer::lease_of($h{u2}), "$what: both on one lease");
+	is(lease_of($h{u1}), lease_of($h{u2}), "$what: both on one lease");
 
 	# etcd frozen for 3 s: the call meets it, then the silent endpoints
 	$etcd_c->pause;
 	my $t_pause = time;
-	start_sql($sa, 'SELECT etcd_unlock_all()');
+	$sa->start('SELECT etcd_unlock_all()');
 	my $left = 3 - (time - $t_pause);
 	Time::HiRes::sleep($left) if $left > 0;    # the pause lasts 3 s
 	$etcd_c->resume;
 	# another session is busy meanwhile, as on any server: its new lease
 	# wakes the worker while A's call still goes through the silent endpoints
-	my ($wake) = run_sql($sb, q{SELECT etcd_unlock(etcd_lock('wake', 5))});
+	my ($wake) = bounded_sql($sb, q{SELECT etcd_unlock(etcd_lock('wake', 5))});
 	is($wake, 't', "$what: B locks and unlocks another name after the resume");
-	my ($done, $out, $err, $elapsed) = finish_sql($sa, 20);
-	ok($done, sprintf('%s: etcd_unlock_all() returned (%.2f s)', $what, $elapsed));
+	my ($done, $out, $err, undef, $elapsed) = $sa->finish(20);
+	ok($done, sprintf('%s: etcd_unlock_all() returned (%.2f s)', $what, $elapsed // 20));
+	unless ($done)
+	{
+		$sa->cancel;    # so that the session can go on
+		(undef, $out, $err) = $sa->finish(10);
+		($out, $err) = ($out // '', $err // '');
+	}
 	my $code = sqlstate($err);
 	note "$what: etcd_unlock_all() returned '$out', SQLSTATE " . ($code || 'none');
 	note "  $_" for grep { /ERROR|WARNING|DETAIL/ } split /\n/, $err;
@@ -483,16 +321,15 @@ $small->stop;
 	};
 	my ($samples, $bad_key, $bad_excl) = (0, 0, 0);
 	my %told;    # diag each kind of disagreement once per name
-	my $end = time + 4;
-	while (time < $end)
-	{
+	# sample every 0.3 s, for at most 4 s or until A holds nothing
+	poll_until(sub {
 		$samples++;
 		my $r0 = $rows->();
 		my %inetcd = map { $_ => 1 } $etcd_c->keys('etcd_lock/u');
 		my %b_got;
 		for my $k (sort grep { $r0->{$_}[1] eq 'held' } keys %$r0)
 		{
-			my ($bh) = run_sql($sb, "SELECT etcd_try_lock('$k', 5)");
+			my ($bh) = bounded_sql($sb, "SELECT etcd_try_lock('$k', 5)");
 			$b_got{$k} = $bh if $bh ne '';
 		}
 		my $r1 = $rows->();
@@ -514,16 +351,15 @@ $small->stop;
 				  unless $told{"excl $k"}++;
 			}
 		}
-		run_sql($sb, "SELECT etcd_unlock('$_')") for values %b_got;
-		last unless grep { $_->[1] eq 'held' } values %{ $rows->() };
-		usleep(300_000);
-	}
+		bounded_sql($sb, "SELECT etcd_unlock('$_')") for values %b_got;
+		return !grep { $_->[1] eq 'held' } values %{ $rows->() };
+	}, 4, "$what: A to hold nothing", 0.3);
 	note "$what: $samples samples of A's rows; $bad_key disagreed with etcd, $bad_excl let B in";
 	is($bad_key, 0, "$what: A's rows show 'held' only for keys that are in etcd");
 	is($bad_excl, 0, "$what: while A shows 'held', B's etcd_try_lock returns NULL");
 
 	# A can lock again, and what it gets is real
-	my ($h2, $err2) = run_sql($sa, q{SELECT etcd_lock('u1', 60)});
+	my ($h2, $err2) = bounded_sql($sa, q{SELECT etcd_lock('u1', 60)});
 	note "$what: A's etcd_lock('u1', 60) said: $err2" if $err2;
 	isnt(sqlstate($err2), '40L01', "$what: A's etcd_lock('u1', 60) is not 40L01");
 	like($h2, qr{^etcd_lock/u1/[0-9a-f]+$}, "$what: A's etcd_lock('u1', 60) returns a handle")
@@ -532,15 +368,15 @@ $small->stop;
 	is($slow->safe_psql('postgres',
 			"SELECT state FROM etcd_locks WHERE pid = $sa->{pid} AND key = 'u1' AND handle = '$h2'"),
 		'held', "$what: A's row for u1 shows that handle held");
-	my ($b3) = run_sql($sb, q{SELECT etcd_try_lock('u1', 5) IS NULL});
+	my ($b3) = bounded_sql($sb, q{SELECT etcd_try_lock('u1', 5) IS NULL});
 	is($b3, 't', "$what: B cannot take u1 from A");
 
-	run_sql($sa, 'SELECT etcd_unlock_all()');
-	quit_session($sa);
-	quit_session($sb);
+	bounded_sql($sa, 'SELECT etcd_unlock_all()');
+	$sa->quit;
+	$sb->quit;
 	settled($slow, $what);
 	etcd_clean($etcd_c, $what);
-	server_ok($slow, $slow_pm, $what);
+	server_ok($slow, $what);
 	$slow->stop;
 	close $_ for @silent;
 }
@@ -548,8 +384,8 @@ $small->stop;
 # ===========================================================================
 # Node lc_main: defaults; restart_after_crash on for (c)
 # ===========================================================================
-my $etcd = EtcdServer->new(name => 'lc_main_etcd');
-my $node = EtcdServer::pg_node('lc_main', $etcd->url, "restart_after_crash = on\n");
+my $etcd = EtcdLockTest::Etcd->new(name => 'lc_main_etcd');
+my $node = pg_node('lc_main', $etcd->url, "restart_after_crash = on\n");
 my $pm = postmaster_pid($node);
 
 # ---------------------------------------------------------------------------
@@ -560,7 +396,7 @@ my $pm = postmaster_pid($node);
 	my $s = session($node);
 	my @leases0 = sort $etcd->leases;
 	my $st0 = stats($node);
-	my ($out, $err) = run_sql($s, q{SELECT etcd_lock('big', 2147483647)});
+	my ($out, $err) = bounded_sql($s, q{SELECT etcd_lock('big', 2147483647)});
 	note "$what: etcd_lock('big', 2147483647) said: " . ($err || "nothing, returned $out");
 	is(sqlstate($err), '22023', "$what: etcd_lock('big', 2147483647) fails with SQLSTATE 22023");
 	is($out, '', "$what: no handle");
@@ -569,12 +405,12 @@ my $pm = postmaster_pid($node);
 	my $st1 = stats($node);
 	is($st1->{leases}, $st0->{leases}, "$what: etcd_lock_stats.leases unchanged");
 	is($st1->{locks}, $st0->{locks}, "$what: etcd_lock_stats.locks unchanged");
-	run_sql($s, 'SELECT etcd_unlock_all()') if $out ne '';    # clean up after a wrong success
+	bounded_sql($s, 'SELECT etcd_unlock_all()') if $out ne '';    # clean up after a wrong success
 
 	$what = 'ttl 86400';
-	my ($h) = run_sql($s, q{SELECT etcd_lock('big', 86400)});
+	my ($h) = bounded_sql($s, q{SELECT etcd_lock('big', 86400)});
 	like($h, qr{^etcd_lock/big/[0-9a-f]+$}, "$what: etcd_lock('big', 86400) works");
-	my $lease = EtcdServer::lease_of($h) // '';
+	my $lease = lease_of($h) // '';
 	ok(has_key($etcd, $h), "$what: its key is in etcd");
 	like($etcd->etcdctl('lease', 'timetolive', $lease), qr/granted with TTL\(86400s\)/,
 		"$what: etcd granted a 86400 s lease");
@@ -582,16 +418,19 @@ my $pm = postmaster_pid($node);
 	$etcd->pause;
 	is($node->safe_psql('postgres', "SELECT pg_terminate_backend($s->{pid})"), 't',
 		"$what: its session is terminated while etcd is paused");
-	ok(wait_for(sub { backends_gone($node, $s->{pid}) }, 8), "$what: the backend ended");
+	ok(poll_until(sub { backends_gone($node, $s->{pid}) }, 8, 'the backend to end'),
+		"$what: the backend ended");
 	$etcd->resume;
 	my $t_resume = time;
-	quit_session($s);
-	ok(wait_for(sub { !has_key($etcd, $h) }, 5), "$what: the key is gone from etcd within 5 s of the resume");
-	ok(wait_for(sub { !has_lease($etcd, $lease) }, 5), "$what: the lease is gone from etcd");
+	$s->quit;
+	ok(poll_until(sub { !has_key($etcd, $h) }, 5, 'the key to go'),
+		"$what: the key is gone from etcd within 5 s of the resume");
+	ok(poll_until(sub { !has_lease($etcd, $lease) }, 5, 'the lease to go'),
+		"$what: the lease is gone from etcd");
 	note sprintf('%s: cleaned up %.2f s after the resume', $what, time - $t_resume);
 	settled($node, $what);
 	etcd_clean($etcd, $what);
-	server_ok($node, $pm, $what);
+	server_ok($node, $what);
 }
 
 # ---------------------------------------------------------------------------
@@ -600,13 +439,13 @@ my $pm = postmaster_pid($node);
 {
 	my $what = 'stalled worker';
 	my $w = session($node);
-	my ($hw) = run_sql($w, q{SELECT etcd_lock('w', 3)});
+	my ($hw) = bounded_sql($w, q{SELECT etcd_lock('w', 3)});
 	like($hw, qr{^etcd_lock/w/[0-9a-f]+$}, "$what: W holds w (ttl 3)");
-	my ($tok) = run_sql($w, "SELECT etcd_lock_token('$hw')");
+	my ($tok) = bounded_sql($w, "SELECT etcd_lock_token('$hw')");
 	like($tok, qr/^\d+$/, "$what: its token is $tok");
 
-	my ($wpid, $how) = worker_pid($node);
-	ok($wpid, "$what: the worker's pid is " . ($wpid // 'unknown') . " (from $how)");
+	my ($wpid) = worker_pids($node);
+	ok($wpid, "$what: the worker's pid is " . ($wpid // 'unknown'));
 	SKIP:
 	{
 		skip "$what: no worker pid", 9 unless $wpid;
@@ -615,7 +454,7 @@ my $pm = postmaster_pid($node);
 		{
 			kill 'STOP', $wpid;
 			$stopped_worker = $wpid;
-			wait_for(sub { EtcdServer::proc_state($wpid) eq 'T' }, 5);
+			poll_until(sub { proc_state($wpid) eq 'T' }, 5, 'the worker to stop');
 			my $to = 0;
 			$node->psql('postgres', 'SELECT count(*) FROM etcd_locks',
 				timeout => 5, timed_out => \$to);
@@ -624,29 +463,30 @@ my $pm = postmaster_pid($node);
 			kill 'CONT', $wpid;
 			usleep(10_000);
 		}
-		is(EtcdServer::proc_state($wpid), 'T', "$what: the worker is stopped");
+		is(proc_state($wpid), 'T', "$what: the worker is stopped");
 		my $t_stop = time;
 
-		ok(EtcdServer::poll_sql($node, "SELECT state FROM etcd_locks WHERE handle = '$hw'", 'lost', 10),
+		ok( poll_until(sub {
+					$node->safe_psql('postgres', "SELECT state FROM etcd_locks WHERE handle = '$hw'") eq 'lost'
+				}, 10, "$what: the lock to show 'lost'"),
 			"$what: etcd_locks shows 'lost' within 10 s")
 		  or diag "etcd_lock_stats: "
 		  . $node->safe_psql('postgres', 'SELECT row_to_json(s) FROM etcd_lock_stats s');
 		note sprintf("%s: after %.1f s, the row says '%s'", $what, time - $t_stop,
 			$node->safe_psql('postgres', "SELECT state FROM etcd_locks WHERE handle = '$hw'"));
-		ok(wait_for(sub { !has_key($etcd, $hw) }, 8),
+		ok(poll_until(sub { !has_key($etcd, $hw) }, 8, 'the key to go'),
 			"$what: etcd expired the unrenewed lease and its key (precondition)");
 
-		my ($out, $err) = run_sql($w, "SELECT etcd_lock_token('$hw')");
+		my ($out, $err) = bounded_sql($w, "SELECT etcd_lock_token('$hw')");
 		note "$what: etcd_lock_token said: " . ($err || "nothing, returned $out");
 		is(sqlstate($err), '40L01', "$what: etcd_lock_token(handle) fails with SQLSTATE 40L01");
 
-		my ($h2, $err2) = run_sql($w, q{SELECT etcd_lock('w', 3)});
+		my ($h2, $err2) = bounded_sql($w, q{SELECT etcd_lock('w', 3)});
 		my $c2 = sqlstate($err2);
 		note "$what: re-locking w said: " . ($err2 || "nothing, returned $h2");
 		if ($c2 ne '')
 		{
-			pass("$what: re-locking w fails (SQLSTATE $c2)");
-			unlike($c2, qr/^XX/, "$what: with a proper SQLSTATE ($c2)");
+			unlike($c2, qr/^XX/, "$what: re-locking w fails, with a proper SQLSTATE ($c2)");
 		}
 		else
 		{
@@ -657,7 +497,7 @@ my $pm = postmaster_pid($node);
 				"SELECT count(*) FROM etcd_locks WHERE handle = '$hw' AND count >= 2"),
 			'0', "$what: the dead hold's count never became 2");
 
-		my ($u, $uerr) = run_sql($w, "SELECT etcd_unlock('$hw')");
+		my ($u, $uerr) = bounded_sql($w, "SELECT etcd_unlock('$hw')");
 		note "$what: etcd_unlock(old handle) said: $uerr" if $uerr;
 		is($u, 'f', "$what: etcd_unlock(old handle) returns false");
 		like($uerr, qr/WARNING:/, "$what: with a WARNING");
@@ -665,13 +505,13 @@ my $pm = postmaster_pid($node);
 		kill 'CONT', $wpid;
 		$stopped_worker = undef;
 	}
-	run_sql($w, 'SELECT etcd_unlock_all()');
-	quit_session($w);
+	bounded_sql($w, 'SELECT etcd_unlock_all()');
+	$w->quit;
 	settled($node, $what);
 	etcd_clean($etcd, $what);
-	my ($wpid2) = worker_pid($node);
+	my ($wpid2) = worker_pids($node);
 	is($wpid2, $wpid, "$what: the same worker runs on") if $wpid;
-	server_ok($node, $pm, $what);
+	server_ok($node, $what);
 }
 
 # ---------------------------------------------------------------------------
@@ -680,20 +520,20 @@ my $pm = postmaster_pid($node);
 {
 	my $what = 'crash restart';
 	my $s = session($node);
-	my ($h) = run_sql($s, q{SELECT etcd_lock('c', 30)});
+	my ($h) = bounded_sql($s, q{SELECT etcd_lock('c', 30)});
 	like($h, qr{^etcd_lock/c/[0-9a-f]+$}, "$what: a session holds c (ttl 30)");
-	my $lease = EtcdServer::lease_of($h) // '';
+	my $lease = lease_of($h) // '';
 	ok(has_key($etcd, $h), "$what: its key is in etcd");
 	my $off = -s $node->logfile;
 	ok(kill('KILL', $s->{pid}), "$what: SIGKILL sent to backend $s->{pid}");
-	quit_session($s);
+	$s->quit;
 	ok($node->wait_for_log(qr/all server processes terminated; reinitializing/, $off),
 		"$what: the postmaster restarts the backends");
 	ok($node->poll_query_until('postgres', 'SELECT 1', '1'), "$what: the server answers again");
 	my $t_up = time;
-	ok(wait_for(sub { !has_key($etcd, $h) }, 2 - (time - $t_up)),
+	ok(poll_until(sub { !has_key($etcd, $h) }, 2 - (time - $t_up), 'the key to go'),
 		"$what: the key is gone from etcd within 2 s of the restart");
-	ok(wait_for(sub { !has_lease($etcd, $lease) }, 2 - (time - $t_up)),
+	ok(poll_until(sub { !has_lease($etcd, $lease) }, 2 - (time - $t_up), 'the lease to go'),
 		"$what: its lease is gone from etcd within 2 s of the restart");
 	note sprintf('%s: key %s %.2f s after the server answered again', $what,
 		has_key($etcd, $h) ? 'still there' : 'gone', time - $t_up);

@@ -52,7 +52,9 @@
  * one with an HTTP/1.1 upgrade, which etcd ignores: the header callback
  * aborts that answer, and the request is sent again with prior knowledge on
  * a fresh connection.  A request with prior knowledge that meets the bug is
- * sent again the same way.  Both are safe: etcd has not run the call.
+ * sent again the same way, as is one that meets a connection spoilt in
+ * any other way ("framing layer" errors).  Sending again is as safe as the
+ * failover to another member: every request of ours may be repeated.
  */
 #if LIBCURL_VERSION_NUM < 0x080000
 #define H2C_REUSE_BUG 1
@@ -680,8 +682,8 @@ h2c_retry(EtcdMulti *m, EtcdTransfer *t)
 		return;
 	if (t->h1_answer)
 		h2_host_set(m, t->host, false); /* no HTTP/2 connection was left */
-	else if (!t->h2_guess && t->code == CURLE_HTTP2)
-		h2_host_set(m, t->host, true);	/* there was one, now spoilt */
+	else if (t->code == CURLE_HTTP2)
+		h2_host_set(m, t->host, true);	/* the connection is spoilt */
 	else
 		return;
 

@@ -18,7 +18,7 @@ export PG_CONFIG=$PG_BIN/pg_config
 BUILD_PACKAGES=(make gcc libc6-dev postgresql-15 postgresql-server-dev-15
                 libcurl4-openssl-dev libcjson-dev)
 DEMO_PACKAGES=("${BUILD_PACKAGES[@]}" postgresql-client-15 etcd-server etcd-client curl)
-TEST_PACKAGES=("${DEMO_PACKAGES[@]}" libipc-run-perl openssl ca-certificates
+TEST_PACKAGES=("${DEMO_PACKAGES[@]}" libipc-run-perl openssl ca-certificates python3-h2
                libpostgresql-jdbc-java)
 
 # as_postgres CMD...: run CMD as the postgres user, from /.  The caller's

@@ -23,7 +23,7 @@ PG_MAJOR=17
 ROOT_PACKAGES=(
     postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR
     libcurl4-openssl-dev libcjson-dev make gcc libc6-dev
-    libipc-run-perl perl curl openssl ca-certificates
+    libipc-run-perl perl curl openssl ca-certificates python3-h2
     etcd-server etcd-client
 )
 

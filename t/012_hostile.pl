@@ -174,7 +174,9 @@ END
 }
 
 my $etcd = EtcdLockTest::Etcd->new(name => 'hostile_etcd');
-my $node = pg_node('hostile', $etcd->url);
+# this server speaks HTTP/1.1 only: the gateway's transport (t/017 plays a
+# hostile gRPC endpoint)
+my $node = pg_node('hostile', $etcd->url, "etcd_lock.transport = 'json'\n");
 
 # What each mode must give: SQLSTATE, the message (a regex source, %EP% the
 # endpoint) and the detail.

@@ -48,8 +48,8 @@ def answer(conn, sid):
         # field 1 (header, a message) as a varint
         body = frame(b'\x08\x05')
     elif mode == 'overlong':
-        # field 2 (bytes) claims 1000 bytes, inside a 4-byte message
-        body = frame(b'\x0a\x02\x12\xe8\x07')
+        # field 1 (the header) claims 5 bytes, and 3 follow
+        body = frame(b'\x0a\x05\x12\xe8\x07')
     elif mode == 'huge':
         body = frame(b'\x22' + b'\x00' * (5 * 1024 * 1024), length=5 * 1024 * 1024 + 1)
     elif mode == 'nostatus':

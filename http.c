@@ -914,8 +914,9 @@ etcd_http_report(int elevel, int curl_code, const char *error,
 		case CURLE_SSL_CONNECT_ERROR:
 		case CURLE_SEND_ERROR:
 		case CURLE_RECV_ERROR:
-		case CURLE_HTTP2:		/* TLS endpoints speak HTTP/2 */
+		case CURLE_HTTP2:		/* TLS endpoints and gRPC speak HTTP/2 */
 		case CURLE_HTTP2_STREAM:
+		case CURLE_PARTIAL_FILE:	/* an HTTP/2 stream cut short */
 			ereport(elevel,
 					(errcode(ERRCODE_CONNECTION_FAILURE),
 					 errmsg("connection to etcd at %s failed", endpoint),

@@ -123,39 +123,27 @@ note sprintf('cancel took %.3f s', $elapsed);
 check_clean('cancel');
 reset_b();
 
-# (b) statement_timeout
-$sb->query_safe(q{SET statement_timeout = '3s'});
-$t0 = time;
-$sb->start(q{SELECT etcd_lock('busy');});
-wait_for_waiter($b_pid, 'statement_timeout');
-($done, $out, $err) = $sb->finish(3 + $PROMPT);
-$elapsed = time - $t0;
-ok($done, 'statement_timeout: the wait ended');
-like($err, qr/ERROR:  57014: canceling statement due to statement timeout/,
-	'statement_timeout: SQLSTATE 57014, statement timeout');
-cmp_ok($elapsed, '>=', 3, 'statement_timeout: not before the timeout');
-cmp_ok($elapsed, '<', 3 + $PROMPT, 'statement_timeout: promptly after the timeout');
-note sprintf('statement_timeout 3s: wait ended after %.3f s', $elapsed);
-$sb->query_safe('RESET statement_timeout');
-check_clean('statement_timeout');
-reset_b();
-
-# (c) lock_timeout
-$sb->query_safe(q{SET lock_timeout = '3s'});
-$t0 = time;
-$sb->start(q{SELECT etcd_lock('busy');});
-wait_for_waiter($b_pid, 'lock_timeout');
-($done, $out, $err) = $sb->finish(3 + $PROMPT);
-$elapsed = time - $t0;
-ok($done, 'lock_timeout: the wait ended');
-like($err, qr/ERROR:  55P03: canceling statement due to lock timeout/,
-	'lock_timeout: SQLSTATE 55P03, lock timeout');
-cmp_ok($elapsed, '>=', 3, 'lock_timeout: not before the timeout');
-cmp_ok($elapsed, '<', 3 + $PROMPT, 'lock_timeout: promptly after the timeout');
-note sprintf('lock_timeout 3s: wait ended after %.3f s', $elapsed);
-$sb->query_safe('RESET lock_timeout');
-check_clean('lock_timeout');
-reset_b();
+# (b) statement_timeout and (c) lock_timeout, each set to 3 s
+for my $case ([ 'statement_timeout', '57014', 'statement timeout' ],
+	[ 'lock_timeout', '55P03', 'lock timeout' ])
+{
+	my ($guc, $code, $reason) = @$case;
+	$sb->query_safe(qq{SET $guc = '3s'});
+	$t0 = time;
+	$sb->start(q{SELECT etcd_lock('busy');});
+	wait_for_waiter($b_pid, $guc);
+	($done, $out, $err) = $sb->finish(3 + $PROMPT);
+	$elapsed = time - $t0;
+	ok($done, "$guc: the wait ended");
+	like($err, qr/ERROR:  $code: canceling statement due to $reason/,
+		"$guc: SQLSTATE $code, $reason");
+	cmp_ok($elapsed, '>=', 3, "$guc: not before the timeout");
+	cmp_ok($elapsed, '<', 3 + $PROMPT, "$guc: promptly after the timeout");
+	note sprintf('%s 3s: wait ended after %.3f s', $guc, $elapsed);
+	$sb->query_safe("RESET $guc");
+	check_clean($guc);
+	reset_b();
+}
 
 # (d) etcd_try_lock whose wait interval runs out: NULL, no error
 $t0 = time;

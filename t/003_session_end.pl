@@ -41,11 +41,7 @@ my $l1 = lease_of($h1);
 like($etcd->etcdctl('lease', 'timetolive', $l1), qr/granted with TTL\(2s\)/,
 	'renewal: etcd granted a 2 s lease');
 
-my $missing = 0;
-my $checks = sample_for(10, 0.2, sub {
-		my @k = $etcd->keys($h1);
-		$missing++ unless @k == 1 && $k[0] eq $h1;
-	});
+my ($checks, $missing) = $etcd->key_kept($h1, 10);
 cmp_ok($checks, '>=', 10, "renewal: checked the key $checks times over 10 s");
 is($missing, 0, 'renewal: the key was in etcd at every check over 10 s (5 TTLs)');
 like($etcd->etcdctl('lease', 'timetolive', $l1), qr/remaining\([12]s\)/,

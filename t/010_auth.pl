@@ -268,11 +268,7 @@ $fail0 = $node->safe_psql('postgres', 'SELECT failures FROM etcd_lock_stats');
 $h = $s->query_safe(q{SELECT etcd_lock('auth-renew', 2)});
 my $lease = lease_of($h);
 like($etcd->etcdctl('lease', 'timetolive', $lease), qr/granted with TTL\(2s\)/, 'a 2 s lease');
-my $missing = 0;
-my $checks = sample_for(8, 0.2, sub {
-		my @k = $etcd->keys($h);
-		$missing++ unless @k == 1 && $k[0] eq $h;
-	});
+my ($checks, $missing) = $etcd->key_kept($h, 8);
 cmp_ok($checks, '>=', 8, "renewal: checked the key $checks times over 8 s");
 is($missing, 0, 'renewal: the key was in etcd at every check (4 TTLs, 2 token TTLs)');
 like($etcd->etcdctl('lease', 'timetolive', $lease), qr/remaining\([12]s\)/, 'renewal: the lease is alive');

@@ -14,7 +14,8 @@
 #   - PostgreSQL nodes that preload etcd_lock, and facts about them: the
 #     postmaster's and the lease worker's pids, etcd_lock_stats, and whether
 #     anything crashed;
-#   - a test PKI made with openssl, and settings changed by ALTER SYSTEM.
+#   - a test PKI made with openssl, and settings changed by ALTER SYSTEM;
+#   - hostile endpoints, and the checks that the server survives them.
 #
 # Every etcd started here is killed in END, and END keeps the test's exit
 # status.
@@ -24,6 +25,7 @@ use strict;
 use warnings;
 
 use Exporter;
+use IO::Socket::INET;
 use IPC::Run;
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
@@ -37,6 +39,7 @@ our @EXPORT = qw(
   pg_node session postmaster_pid worker_pids server_ok stats stat_value
   lease_of proc_state proc_kb
   sqlstate errmsg set_conf superuser_only_ok make_pki
+  hostile_endpoint hostile_suite
 );
 
 sub have_command
@@ -411,6 +414,155 @@ sub make_pki
 	};
 }
 
+# ---------------------------------------------------------------------------
+# Hostile endpoints: fake etcds that answer badly (t/012 for the JSON
+# gateway, t/017 for gRPC)
+# ---------------------------------------------------------------------------
+
+my (%hostile_url, @hostile_runs);
+
+# hostile_endpoint($mode, @cmd): start, once per mode, the fake endpoint that
+# @cmd runs, with the argument 'PORT' replaced by a free loopback port; wait
+# until it takes connections and return its URL.  Killed in END.
+sub hostile_endpoint
+{
+	my ($mode, @cmd) = @_;
+	return $hostile_url{$mode} if $hostile_url{$mode};
+	my $port = PostgreSQL::Test::Cluster::get_free_port();
+	s/^PORT$/$port/ for @cmd;
+	my $log = "$PostgreSQL::Test::Utils::log_path/hostile_$mode.log";
+	push @hostile_runs, IPC::Run::start(\@cmd, '<', \undef, '>>', $log, '2>&1');
+	poll_until(sub { IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp') },
+		30, "hostile endpoint $mode to listen", 0.02)
+	  or die "hostile endpoint $mode did not start, see $log";
+	return $hostile_url{$mode} = "http://127.0.0.1:$port";
+}
+
+END
+{
+	local $?;
+	for my $h (@hostile_runs)
+	{
+		$h->signal('KILL');
+		eval { $h->finish; };
+	}
+}
+
+# hostile_request_ok($node, $s, $ep, $mode, [$code, $msg, $detail],
+#                    seconds => S, kb => K)
+#
+# With etcd_lock.endpoints = $ep, etcd_lock() in session $s fails within S
+# seconds with SQLSTATE $code (class 08), a message matching $msg (a regex
+# source in which %EP% stands for the endpoint) and, unless $detail is
+# undef, a DETAIL matching it; the backend's peak memory stays under K kB;
+# the session and the server go on.  Returns what was seen, for a note.
+sub hostile_request_ok
+{
+	my ($node, $s, $ep, $mode, $expect, %limit) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my ($code, $msg, $detail) = @$expect;
+	my $qep = quotemeta($ep);
+	$msg =~ s/%EP%/$qep/g;
+	set_conf($node, [$s], 'etcd_lock.endpoints' => $ep);
+	my ($out, $err, undef, $elapsed) = $s->query(q{SELECT etcd_lock('x')});
+	note "$mode: $err";
+	my $got = sqlstate($err);
+	is($out, '', "$mode: no handle");
+	like($got, qr/^08/, "$mode: a class-08 error");
+	is($got, $code, "$mode: SQLSTATE $code");
+	like(errmsg($err), qr/$msg/, "$mode: a clear message");
+	like($err, qr/DETAIL:  [^\n]*$detail/, "$mode: the detail says what was wrong")
+	  if defined $detail;
+	cmp_ok($elapsed, '<', $limit{seconds},
+		sprintf('%s: within %.0f s (%.2f s)', $mode, $limit{seconds}, $elapsed));
+	my $hwm = proc_kb($s->pid, 'VmHWM');
+	cmp_ok($hwm, '<', $limit{kb}, "$mode: the backend's peak memory stays bounded ($hwm kB)");
+	is($s->query_safe('SELECT 1'), '1', "$mode: the session goes on");
+	server_ok($node, $mode);
+	return sprintf('%s: %s (%.2f s)', $got, errmsg($err), $elapsed);
+}
+
+# hostile_worker_ok($node, $s, $etcd, $ep, $mode, $wpid, $max_kb)
+#
+# The lease worker meets $ep while it renews a ttl-6 lock of session $s (a
+# keepalive every 2 s, a retry 1 s after a failure), until one keepalive
+# went to it (at most 2 s, plus 1 s for an endpoint that never answers);
+# then $etcd is back, and the worker's retry must renew the lease before it
+# can expire.  The same worker ($wpid) runs on with its peak
+# memory under $max_kb kB, the lock is still held, and it is released.
+sub hostile_worker_ok
+{
+	my ($node, $s, $etcd, $ep, $mode, $wpid, $max_kb) = @_;
+	local $Test::Builder::Level = $Test::Builder::Level + 1;
+	my $h = $s->query_safe(q{SELECT etcd_lock('w', 6)});
+	my $lease = lease_of($h);
+	my $f0 = stat_value($node, 'failures');
+	set_conf($node, [$s], 'etcd_lock.endpoints' => $ep);
+	# the worker met it: a keepalive failed, or (wrongly) found the lease gone
+	ok( $node->poll_query_until('postgres', qq{SELECT failures > $f0 OR EXISTS
+			(SELECT FROM etcd_locks WHERE key = 'w' AND state = 'lost') FROM etcd_lock_stats}),
+		"worker vs $mode: a keepalive went to it");
+	set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
+	is_deeply([ worker_pids($node) ], [$wpid], "worker vs $mode: the same worker still runs");
+	my $hwm = proc_kb($wpid, 'VmHWM');
+	cmp_ok($hwm, '<', $max_kb, "worker vs $mode: its peak memory stays bounded ($hwm kB)");
+	# renewed again on etcd: the remaining TTL is back near 6 s
+	ok( poll_until(sub {
+				my ($ok, $o) = $etcd->try_etcdctl('lease', 'timetolive', $lease);
+				$ok && $o =~ /remaining\([56]s\)/ }, 10, "worker vs $mode: a renewal on etcd"),
+		"worker vs $mode: renewed on etcd afterwards");
+	is($node->safe_psql('postgres', q{SELECT state FROM etcd_locks WHERE key = 'w'}), 'held',
+		"worker vs $mode: the lock is still held");
+	my ($out, $err) = $s->query(qq{SELECT etcd_unlock('$h')});
+	is($out, 't', "worker vs $mode: etcd_unlock returns true");
+	note "worker vs $mode: unlock said: $err" if $err;
+	$s->query('SELECT etcd_unlock_all()');
+	is_deeply([ $etcd->leases ], [], "worker vs $mode: no lease left");
+	return;
+}
+
+# hostile_suite($node, $etcd, $start, \%expect, \@modes, seconds => S,
+#               kb => K, worker_skip => [modes])
+#
+# What t/012 and t/017 check.  $start->($mode) starts the hostile endpoint of
+# a mode and returns its URL.  For each mode, a lock call fails as
+# $expect{$mode} says (hostile_request_ok); the same session then locks on
+# $etcd again; the lease worker meets each mode, but those in worker_skip,
+# while it renews a lease (hostile_worker_ok), and is the same process at
+# the end, having never exited; nothing is left anywhere.
+sub hostile_suite
+{
+	my ($node, $etcd, $start, $expect, $modes, %opt) = @_;
+	my $s = session($node);
+	my %observed;
+	$observed{$_} = hostile_request_ok($node, $s, $start->($_), $_, $expect->{$_}, %opt)
+	  for @$modes;
+
+	# back to the real etcd: the same session locks
+	set_conf($node, [$s], 'etcd_lock.endpoints' => $etcd->url);
+	my $h = $s->query_safe(q{SELECT etcd_lock('x')});
+	like($h, qr{^etcd_lock/x/[0-9a-f]+$}, 'back on etcd: the same session locks');
+	is($s->query_safe('SELECT etcd_unlock_all()'), '1', 'back on etcd: and unlocks');
+	$etcd->no_leftovers('back on etcd', 'etcd_lock/');
+
+	my @wpids = worker_pids($node);
+	is(scalar(@wpids), 1, 'one lease worker runs');
+	my $wpid = $wpids[0];
+	my %skip = map { $_ => 1 } @{ $opt{worker_skip} // [] };
+	hostile_worker_ok($node, $s, $etcd, $start->($_), $_, $wpid, $opt{kb})
+	  for grep { !$skip{$_} } @$modes;
+	server_ok($node, 'worker');
+	unlike(slurp_file($node->logfile), qr/lease worker" \(PID \d+\) exited/, 'the worker never exited');
+
+	$s->quit;
+	$etcd->wait_empty('etcd_lock/');
+	$etcd->no_leftovers('at the end', 'etcd_lock/');
+	is_deeply([ worker_pids($node) ], [$wpid], 'the worker that met every hostile endpoint still runs');
+	server_ok($node, 'end');
+	note "observed: $_ => $observed{$_}" for @$modes;
+	return;
+}
+
 # ===========================================================================
 # EtcdLockTest::Etcd
 # ===========================================================================
@@ -600,6 +752,19 @@ sub keys
 {
 	my ($self, $prefix) = @_;
 	return grep { $_ ne '' } split /\n/, $self->etcdctl('get', '--prefix', $prefix, '--keys-only');
+}
+
+# key_kept($key, $secs): look $key up every 0.2 s for $secs seconds; returns
+# how many times, and how many of them it was not there.
+sub key_kept
+{
+	my ($self, $key, $secs) = @_;
+	my $missing = 0;
+	my $checks = EtcdLockTest::sample_for($secs, 0.2, sub {
+			my @k = $self->keys($key);
+			$missing++ unless @k == 1 && $k[0] eq $key;
+		});
+	return ($checks, $missing);
 }
 
 # Lease IDs that etcd still has, in lower-case hex without leading zeros, as

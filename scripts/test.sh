@@ -68,6 +68,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 work=$(mktemp -d /tmp/etcd_lock_test.XXXXXX)
 
+echo "== layout: $(bash "$src/scripts/check-layout.sh" | grep 'include cycle')"
+bash "$src/scripts/check-layout.sh" >/dev/null || { echo "== FAILED: layout (scripts/check-layout.sh)"; exit 1; }
 echo "== installing packages"
 install_packages
 chown postgres: "$work"

@@ -96,7 +96,8 @@ struct EtcdTransfer
 	bool		grpc;			/* this request is a gRPC call */
 	int			grpc_status;	/* from the headers or trailers; -1: none */
 	char		grpc_message[256];
-	bool		retried;		/* restarted once, see H2C_REUSE_BUG */
+	bool		retried;		/* restarted once, see h2_retry() */
+	long		fresh_version;	/* CURLOPT_HTTP_VERSION on a fresh connection */
 	bool		h2_guess;		/* HTTP/2 asked for without prior knowledge */
 	bool		h1_answer;		/* ... and refused an HTTP/1 answer */
 	char		host[128];		/* "http://host:port", for H2C_REUSE_BUG */
@@ -121,8 +122,8 @@ static size_t transfer_write_cb(char *ptr, size_t size, size_t nmemb,
 static void url_host(const char *url, char *host, size_t size);
 static int	h2_host_find(EtcdMulti *m, const char *host);
 static void h2_host_set(EtcdMulti *m, const char *host, bool open);
-static void h2c_retry(EtcdMulti *m, EtcdTransfer *t);
 #endif
+static void h2_retry(EtcdMulti *m, EtcdTransfer *t);
 static size_t transfer_header_cb(char *line, size_t size, size_t nitems,
 								 void *userdata);
 static void transfer_headers(EtcdTransfer *t, const char *token, bool grpc);
@@ -460,6 +461,7 @@ etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
 	t->h2_guess = false;
 	t->h1_answer = false;
 	t->host[0] = '\0';
+	t->fresh_version = CURL_HTTP_VERSION_2TLS;
 	if (!grpc)
 		version = CURL_HTTP_VERSION_NONE;
 	else if (strncmp(url, "https://", 8) == 0)
@@ -467,6 +469,7 @@ etcd_transfer_start(EtcdMulti *m, EtcdTransfer *t, const char *url,
 	else
 	{
 		version = CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE;
+		t->fresh_version = version;
 #ifdef H2C_REUSE_BUG
 		url_host(url, t->host, sizeof(t->host));
 		if (h2_host_find(m, t->host) >= 0)
@@ -619,10 +622,8 @@ etcd_multi_wait(EtcdMulti *m, long max_wait_ms, EtcdWait what)
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
 		t->done = true;
 		t->code = msg->data.result;
-#ifdef H2C_REUSE_BUG
-		if (t->host[0] != '\0')
-			h2c_retry(m, t);
-#endif
+		if (t->grpc)
+			h2_retry(m, t);
 	}
 	return latch_set;
 }
@@ -670,44 +671,6 @@ h2_host_set(EtcdMulti *m, const char *host, bool open)
 		m->h2_hosts[i][0] = '\0';
 }
 
-/*
- * A gRPC transfer to an http:// host ended: if it met curl's bug or an
- * HTTP/1.1 answer, learn that, and send it again once, with prior knowledge
- * on a fresh connection.  Never raises an ERROR.
- */
-static void
-h2c_retry(EtcdMulti *m, EtcdTransfer *t)
-{
-	if (t->code == CURLE_OK || t->retried)
-		return;
-	if (t->h1_answer)
-		h2_host_set(m, t->host, false); /* no HTTP/2 connection was left */
-	else if (t->code == CURLE_HTTP2)
-		h2_host_set(m, t->host, true);	/* the connection is spoilt */
-	else
-		return;
-
-	curl_multi_remove_handle(m->multi, t->easy);
-	t->retried = true;
-	t->h2_guess = false;
-	t->h1_answer = false;
-	t->done = false;
-	t->code = CURLE_OK;
-	t->len = t->consumed = 0;
-	t->too_big = false;
-	t->errbuf[0] = '\0';
-	t->grpc_status = -1;
-	t->grpc_message[0] = '\0';
-	curl_easy_setopt(t->easy, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
-	curl_easy_setopt(t->easy, CURLOPT_FRESH_CONNECT, 1L);
-	if (curl_multi_add_handle(m->multi, t->easy) != CURLM_OK)
-	{
-		t->active = false;
-		t->done = true;
-		t->code = CURLE_FAILED_INIT;
-		snprintf(t->errbuf, sizeof(t->errbuf), "could not restart the request");
-	}
-}
 #endif
 
 /* Drop a multi handle and every connection in its pool. */
@@ -944,5 +907,54 @@ etcd_http_report(int elevel, int curl_code, const char *error,
 					 errdetail_internal("%s", error),
 					 errcontext("%s", context)));
 			break;
+	}
+}
+
+/*
+ * A gRPC transfer ended on a spoilt HTTP/2 connection ("framing layer"
+ * errors: curl can try to reuse a connection that etcd has dropped, as when
+ * it restarts), or on an HTTP/1.1 answer (see H2C_REUSE_BUG): send it again
+ * once, on a fresh connection.  That is as safe as the failover to another
+ * member: every request of ours may be repeated.  Never raises an ERROR.
+ */
+static void
+h2_retry(EtcdMulti *m, EtcdTransfer *t)
+{
+	if (t->code == CURLE_OK || t->retried)
+		return;
+#ifdef H2C_REUSE_BUG
+	if (t->host[0] != '\0' && t->h1_answer)
+		h2_host_set(m, t->host, false); /* no HTTP/2 connection was left */
+	else if (t->code == CURLE_HTTP2)
+	{
+		if (t->host[0] != '\0')
+			h2_host_set(m, t->host, true);	/* there is one, spoilt */
+	}
+	else
+		return;
+#else
+	if (t->code != CURLE_HTTP2)
+		return;
+#endif
+
+	curl_multi_remove_handle(m->multi, t->easy);
+	t->retried = true;
+	t->h2_guess = false;
+	t->h1_answer = false;
+	t->done = false;
+	t->code = CURLE_OK;
+	t->len = t->consumed = 0;
+	t->too_big = false;
+	t->errbuf[0] = '\0';
+	t->grpc_status = -1;
+	t->grpc_message[0] = '\0';
+	curl_easy_setopt(t->easy, CURLOPT_HTTP_VERSION, t->fresh_version);
+	curl_easy_setopt(t->easy, CURLOPT_FRESH_CONNECT, 1L);
+	if (curl_multi_add_handle(m->multi, t->easy) != CURLM_OK)
+	{
+		t->active = false;
+		t->done = true;
+		t->code = CURLE_FAILED_INIT;
+		snprintf(t->errbuf, sizeof(t->errbuf), "could not restart the request");
 	}
 }

@@ -10,6 +10,7 @@ import threading
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 mode, port = sys.argv[1], int(sys.argv[2])
 
@@ -19,8 +20,9 @@ def frame(payload, flag=0, length=None):
     return bytes([flag]) + n.to_bytes(4, 'big') + payload
 
 
-def answer(conn, sid):
-    """Headers, body and trailers of the answer to one call, per mode."""
+def answer(conn, sid, outbox):
+    """Headers, body and trailers of the answer to one call, per mode; a
+    body waits in outbox for the client's flow-control window."""
     ok = [(':status', '200'), ('content-type', 'application/grpc')]
     status0 = [('grpc-status', '0')]
     if mode == 'silent':
@@ -57,10 +59,26 @@ def answer(conn, sid):
         return
     else:
         raise SystemExit('unknown mode ' + mode)
-    window = 16384
-    for i in range(0, len(body), window):
-        conn.send_data(sid, body[i:i + window])
-    conn.send_headers(sid, status0, end_stream=True)
+    outbox[sid] = [body, status0]
+
+
+def flush(conn, outbox):
+    """Send what the client's windows allow; trailers once a body is out."""
+    for sid in list(outbox):
+        body, trailers = outbox[sid]
+        try:
+            while body:
+                n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if n <= 0:
+                    break
+                conn.send_data(sid, body[:n])
+                body = body[n:]
+            outbox[sid][0] = body
+            if not body:
+                conn.send_headers(sid, trailers, end_stream=True)
+                del outbox[sid]
+        except h2.exceptions.StreamClosedError:
+            del outbox[sid]
 
 
 def serve(sock):
@@ -71,6 +89,7 @@ def serve(sock):
     conn.increment_flow_control_window(2 ** 30)
     sock.sendall(conn.data_to_send())
     pending = []
+    outbox = {}
     try:
         while True:
             data = sock.recv(65536)
@@ -83,10 +102,13 @@ def serve(sock):
                     if mode == 'close':
                         sock.close()
                         return
-                    answer(conn, event.stream_id)
+                    answer(conn, event.stream_id, outbox)
+                elif isinstance(event, h2.events.StreamReset):
+                    outbox.pop(event.stream_id, None)
                 elif isinstance(event, h2.events.DataReceived):
                     conn.acknowledge_received_data(event.flow_controlled_length,
                                                    event.stream_id)
+            flush(conn, outbox)
             out = conn.data_to_send()
             if out:
                 sock.sendall(out)
